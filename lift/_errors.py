@@ -1,0 +1,74 @@
+"""Errors raised by lift, and the builders of their messages.
+
+Every message says what went wrong, where (the key path), what was expected and what
+came, and how to fix it. Long messages are built here so their wording stays consistent.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable
+from typing import Any
+
+__all__ = [
+    "LiftError",
+    "LiftKeyError",
+    "LiftTypeError",
+    "LiftValueError",
+    "TraceError",
+    "closest",
+    "describe",
+]
+
+
+class LiftError(Exception):
+    """Base class of every error lift raises."""
+
+
+class LiftTypeError(LiftError, TypeError):
+    """The wrong kind of object was given."""
+
+
+class LiftValueError(LiftError, ValueError):
+    """An object of the right kind has the wrong structure, shape or dtype."""
+
+
+class LiftKeyError(LiftError, KeyError):
+    """A state key is missing; the message names the closest existing path."""
+
+    def __str__(self) -> str:
+        # KeyError quotes its argument; a message reads better unquoted.
+        return str(self.args[0]) if self.args else ""
+
+
+class TraceError(LiftError, RuntimeError):
+    """State was written under a JAX transform that its frame does not own."""
+
+
+def closest(path: str, candidates: Iterable[Any]) -> str:
+    """A hint naming the existing path closest to ``path``, or saying there is none."""
+    names = [str(c) for c in candidates]
+    if not names:
+        return "The state is empty."
+    match = difflib.get_close_matches(path, names, n=1, cutoff=0.0)
+    return f"The closest existing path is {match[0]!r}." if match else ""
+
+
+def describe(value: Any) -> str:
+    """A short ``shape dtype`` description of an array-like or pytree of them."""
+    import jax
+
+    leaves, treedef = jax.tree_util.tree_flatten(value)
+    parts = []
+    for leaf in leaves:
+        shape = getattr(leaf, "shape", None)
+        dtype = getattr(leaf, "dtype", None)
+        if shape is None or dtype is None:
+            parts.append(type(leaf).__name__)
+        else:
+            weak = "weak " if getattr(leaf, "weak_type", False) else ""
+            parts.append(f"{weak}{dtype}{list(shape)}")
+    inner = ", ".join(parts)
+    if treedef.num_nodes == 1 and len(leaves) == 1:
+        return inner
+    return f"{treedef} with leaves ({inner})"

@@ -1,0 +1,425 @@
+"""The tree layer: export and import state, and the pure operations on state dicts.
+
+A *state* is a plain ``dict`` mapping :class:`~lift.StateKey` to a pytree of arrays.
+``export_state`` takes it out of any pytree, ``import_state`` puts it back, and the
+other functions here build new state dicts from old ones without mutating them.
+"""
+
+from __future__ import annotations
+
+import gc
+from collections.abc import Callable, Mapping
+from typing import Any, TypeVar
+
+import jax
+import numpy as np
+
+from ._errors import LiftKeyError, LiftTypeError, LiftValueError, closest, describe
+from ._keys import StateEntry, StateKey, matches
+
+__all__ = [
+    "State",
+    "check_value",
+    "export_state",
+    "filter_state",
+    "import_state",
+    "merge_states",
+    "partition_state",
+    "update_state",
+]
+
+State = dict[StateKey, Any]
+Filter = str | StateKey | type | Callable[[StateKey, Any], bool]
+T = TypeVar("T")
+
+_registry = jax.tree_util.default_registry
+# Types that are always leaves, so the walk need not ask JAX's registry about them.
+_LEAF_TYPES = frozenset(
+    {int, float, complex, bool, str, bytes, np.ndarray, type(jax.numpy.zeros(()))}
+)
+
+
+class _Paths:
+    """One walk over a tree, in JAX's flatten order, naming each entry by its path."""
+
+    def __init__(self, is_leaf: Callable[[Any], bool] | None) -> None:
+        self.is_leaf = is_leaf
+        self.entries: list[str] = []
+        self.existing: dict[str, str] = {}
+
+    def walk(self, node: Any, path: str) -> None:
+        kind = type(node)
+        if kind in _LEAF_TYPES or node is None:
+            return
+        if kind is StateEntry:
+            self.entries.append(path)
+            return
+        if kind is StateKey:
+            self.existing.setdefault(node, path)
+            return
+        if self.is_leaf is not None and self.is_leaf(node):
+            return
+        if kind is dict:
+            for k in sorted(node):
+                self.walk(node[k], f"{path}[{k!r}]")
+        elif kind is list or kind is tuple:
+            for i, child in enumerate(node):
+                self.walk(child, f"{path}[{i}]")
+        else:
+            flat = _registry.flatten_one_level_with_keys(node)
+            if flat is not None:
+                for k, child in flat[0]:
+                    self.walk(child, f"{path}{k}")
+
+
+def _is_key(node: Any) -> bool:
+    return type(node) is StateKey
+
+
+def _is_entry_or_key(node: Any) -> bool:
+    return type(node) is StateEntry or type(node) is StateKey
+
+
+# Keys depend only on the tree structure, where its entries are, and which of them are
+# one shared object: a model exported again (after a restart, in a loop, ...) skips the
+# walk that names them.
+_KEY_CACHE: dict[Any, list[StateKey]] = {}
+_KEY_CACHE_SIZE = 64
+
+
+def _entry_keys(
+    tree: Any,
+    treedef: Any,
+    leaves: list[Any],
+    positions: list[int],
+    prefix: str,
+    is_leaf: Callable[[Any], bool] | None,
+) -> list[StateKey]:
+    """The key of each entry at ``positions`` of ``leaves``, from cache or a walk."""
+    first: dict[int, int] = {}
+    shared = tuple(first.setdefault(id(leaves[i]), n) for n, i in enumerate(positions))
+    cache_key = (treedef, prefix, is_leaf, tuple(positions), shared)
+    try:
+        keys = _KEY_CACHE.get(cache_key)
+    except TypeError:  # unhashable node data in the tree
+        cache_key, keys = None, None
+    if keys is not None:
+        return keys
+    walker = _Paths(is_leaf)
+    walker.walk(tree, "")
+    keys = [StateKey(prefix + path) for path in walker.entries]
+    keys = [keys[n] for n in shared]
+    clash = next((k for k in keys if k in walker.existing), None)
+    if clash is not None:
+        raise LiftValueError(
+            f"`export_state` would create the key {str(clash)!r}, which is already in "
+            f"the tree at path {walker.existing[clash]!r}: two pieces of state would "
+            "share one name. Pass `prefix=` to root the new keys elsewhere, or import "
+            "the old state first with `import_state`."
+        )
+    if cache_key is not None:
+        if len(_KEY_CACHE) >= _KEY_CACHE_SIZE:
+            del _KEY_CACHE[next(iter(_KEY_CACHE))]
+        _KEY_CACHE[cache_key] = keys
+    return keys
+
+
+def export_state(
+    tree: T,
+    *,
+    prefix: str | None = None,
+    is_leaf: Callable[[Any], bool] | None = None,
+) -> tuple[T, State]:
+    """Swap every :class:`StateEntry` in ``tree`` for a :class:`StateKey`.
+
+    The key of an entry is its JAX key path (rooted at ``prefix`` when given); the same
+    entry object reached by two paths is one key, used at both places. Keys already in
+    the tree are kept.
+
+    Args:
+        tree: any JAX pytree: dicts, lists, tuples, namedtuples, ``None``, registered
+            dataclasses, Equinox or Inox modules, custom nodes.
+        prefix: a string put in front of every new key's path, so that the states of
+            two trees can be merged without collisions.
+        is_leaf: as in :func:`jax.tree_util.tree_flatten`; a subtree it accepts is not
+            searched for entries.
+
+    Returns:
+        ``(tree, state)``: the tree with keys in place of entries, and the dict from
+        each key to its entry's value.
+
+    Raises:
+        LiftValueError: a new key equals a key already in the tree.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> from lift import StateEntry, export_state
+        >>> tree, state = export_state({"w": jnp.ones(2), "bn": {"mean": StateEntry(jnp.zeros(2))}})
+        >>> tree["bn"]["mean"]
+        StateKey("['bn']['mean']")
+        >>> state
+        {StateKey("['bn']['mean']"): Array([0., 0.], dtype=float32)}
+    """
+    if prefix is not None and not isinstance(prefix, str):
+        raise LiftTypeError(
+            f"`export_state(prefix=...)` must be a str, got {type(prefix).__name__}. "
+            "Pass for example `prefix='encoder'`."
+        )
+    prefix = prefix or ""
+    # The walk allocates many small objects and no cycles; the collector's passes over
+    # a large heap would otherwise dominate its cost.
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        if is_leaf is None:
+            leaves, treedef = jax.tree_util.tree_flatten(tree, is_leaf=_is_entry_or_key)
+        else:
+            leaves, treedef = jax.tree_util.tree_flatten(
+                tree, is_leaf=lambda x: _is_entry_or_key(x) or is_leaf(x)
+            )
+        positions = [i for i, x in enumerate(leaves) if type(x) is StateEntry]
+        if not positions:
+            return tree, {}
+        keys = _entry_keys(tree, treedef, leaves, positions, prefix, is_leaf)
+        state: State = {}
+        for i, key in zip(positions, keys):
+            if key not in state:
+                state[key] = leaves[i].value
+            leaves[i] = key
+        return treedef.unflatten(leaves), state
+    finally:
+        if enabled:
+            gc.enable()
+
+
+def import_state(tree: T, state: Mapping[StateKey, Any], *, strict: bool = True) -> T:
+    """Put the values of ``state`` back into ``tree``: the inverse of ``export_state``.
+
+    Each :class:`StateKey` in ``tree`` becomes a :class:`StateEntry` holding
+    ``state[key]``; a key used at several places becomes one shared entry.
+
+    Args:
+        tree: a tree returned by :func:`export_state`.
+        state: a dict holding a value for every key in ``tree``.
+        strict: also refuse keys of ``state`` that ``tree`` does not use.
+
+    Returns:
+        The tree with entries in place of keys.
+
+    Raises:
+        LiftKeyError: keys of ``tree`` missing from ``state`` (all of them are listed),
+            or, when ``strict``, keys of ``state`` not used by ``tree``.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> from lift import StateEntry, export_state, import_state
+        >>> tree, state = export_state([StateEntry(jnp.zeros(2))])
+        >>> import_state(tree, state)
+        [StateEntry(float32[2])]
+    """
+    entries: dict[StateKey, StateEntry] = {}
+    missing: list[str] = []
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        leaves, treedef = jax.tree_util.tree_flatten(tree, is_leaf=_is_key)
+        for i, leaf in enumerate(leaves):
+            if type(leaf) is StateKey:
+                entry = entries.get(leaf)
+                if entry is None:
+                    if leaf not in state:
+                        missing.append(str(leaf))
+                        continue
+                    entry = entries[leaf] = StateEntry(state[leaf])
+                leaves[i] = entry
+        new_tree = treedef.unflatten(leaves)
+    finally:
+        if enabled:
+            gc.enable()
+    if missing:
+        listed = ", ".join(repr(m) for m in sorted(set(missing)))
+        raise LiftKeyError(
+            f"`import_state`: the tree uses {len(set(missing))} key(s) the state does not "
+            f"have: {listed}. {closest(missing[0], state)} Pass the state that "
+            "`export_state` returned for this tree (or `merge_states` of several)."
+        )
+    if strict and len(entries) != len(state):
+        unused = sorted(str(k) for k in state if k not in entries)
+        raise LiftKeyError(
+            f"`import_state`: the state has {len(unused)} key(s) the tree does not use: "
+            f"{', '.join(map(repr, unused))}. Pass `strict=False` to ignore them, or "
+            "`filter_state` the state first."
+        )
+    return new_tree
+
+
+def _avals(value: Any) -> list[tuple[tuple[int, ...], Any, bool]]:
+    return [
+        (tuple(np.shape(x)), jax.dtypes.result_type(x), _is_weak(x))
+        for x in jax.tree_util.tree_leaves(value)
+    ]
+
+
+def _is_weak(x: Any) -> bool:
+    return type(x) in (int, float, complex, bool) or bool(getattr(x, "weak_type", False))
+
+
+def check_value(key: StateKey, old: Any, new: Any, *, where: str) -> Any:
+    """Validate ``new`` as the next value of ``key``; return it, cast where harmless.
+
+    The pytree structure, shapes and dtypes must match ``old``. A weakly typed value
+    (a Python scalar, or an array derived only from them) takes ``old``'s dtype.
+    """
+    old_leaves, old_def = jax.tree_util.tree_flatten(old)
+    new_leaves, new_def = jax.tree_util.tree_flatten(new)
+    if old_def != new_def:
+        raise LiftValueError(
+            f"{where}: the new value of {str(key)!r} has structure {new_def}, but the "
+            f"state holds {old_def}. State keeps its structure: write a value shaped "
+            "like the one `get` returns."
+        )
+    out = []
+    changed = False
+    for old_leaf, new_leaf in zip(old_leaves, new_leaves):
+        old_shape, new_shape = np.shape(old_leaf), np.shape(new_leaf)
+        old_dtype = jax.dtypes.result_type(old_leaf)
+        new_dtype = jax.dtypes.result_type(new_leaf)
+        if old_shape != new_shape or old_dtype != new_dtype:
+            if old_shape == new_shape and _is_weak(new_leaf) and not _is_weak(old_leaf):
+                new_leaf = jax.numpy.asarray(new_leaf, dtype=old_dtype)
+                changed = True
+            else:
+                raise LiftValueError(
+                    f"{where}: the new value of {str(key)!r} is {describe(new)}, but the "
+                    f"state holds {describe(old)}. State keeps its shape and dtype: "
+                    f"cast with `.astype({old_dtype})` or reshape before writing, or "
+                    "build the entry with the shape you need."
+                )
+        out.append(new_leaf)
+    return new_def.unflatten(out) if changed else new
+
+
+def update_state(state: Mapping[StateKey, Any], mutation: Mapping[StateKey, Any]) -> State:
+    """A new state dict: ``state`` with the values of ``mutation`` written in.
+
+    Args:
+        state: the current state.
+        mutation: new values for some of its keys.
+
+    Returns:
+        A new dict; ``state`` is not changed.
+
+    Raises:
+        LiftKeyError: a key of ``mutation`` is not in ``state``.
+        LiftValueError: a new value changes the structure, shape or dtype.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> from lift import StateEntry, export_state, update_state
+        >>> tree, state = export_state({"n": StateEntry(jnp.zeros((), "int32"))})
+        >>> new = update_state(state, {tree["n"]: jnp.ones((), "int32")})
+        >>> int(new[tree["n"]]), int(state[tree["n"]])
+        (1, 0)
+    """
+    new = dict(state)
+    for key, value in mutation.items():
+        if key not in state:
+            raise LiftKeyError(
+                f"`update_state`: no state under {str(key)!r}. {closest(str(key), state)} "
+                "Only existing keys can be updated; use `merge_states` to add new ones."
+            )
+        new[key] = check_value(key, state[key], value, where="`update_state`")
+    return new
+
+
+def merge_states(*states: Mapping[StateKey, Any]) -> State:
+    """One state dict holding the keys of all ``states``; they must not overlap.
+
+    Raises:
+        LiftValueError: a key appears in two of the states.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> from lift import StateEntry, export_state, merge_states
+        >>> _, a = export_state(StateEntry(jnp.zeros(1)), prefix="a")
+        >>> _, b = export_state(StateEntry(jnp.ones(1)), prefix="b")
+        >>> sorted(merge_states(a, b))
+        [StateKey("a"), StateKey("b")]
+    """
+    out: State = {}
+    for i, state in enumerate(states):
+        if not isinstance(state, Mapping):
+            raise LiftTypeError(
+                f"`merge_states`: argument {i} is a {type(state).__name__}, not a state "
+                "dict. Pass the dicts that `export_state` returns."
+            )
+        for key, value in state.items():
+            if key in out:
+                raise LiftValueError(
+                    f"`merge_states`: the key {str(key)!r} is in argument {i} and in an "
+                    "earlier one; merging would overwrite state. Export the trees with "
+                    "distinct `prefix=` values, or `filter_state` one of them first."
+                )
+            out[key] = value
+    return out
+
+
+def _predicate(filt: Any) -> Callable[[StateKey, Any], bool]:
+    if isinstance(filt, StateKey):
+        return lambda key, _: key == filt
+    if isinstance(filt, str):
+        return lambda key, _: matches(key, filt)
+    if isinstance(filt, type):
+        return lambda _, value: isinstance(value, filt)
+    if callable(filt):
+        return lambda key, value: bool(filt(key, value))
+    raise LiftTypeError(
+        f"A state filter must be a glob pattern (str), a StateKey, a type or a "
+        f"predicate `(key, value) -> bool`; got {type(filt).__name__}: {filt!r}."
+    )
+
+
+def filter_state(state: Mapping[StateKey, Any], *filters: Filter) -> State:
+    """The part of ``state`` whose keys match any of ``filters``.
+
+    A filter is a glob pattern matched on the key's path (``"*.bn.*"``; paths are
+    matched in dotted form, ``['bn'][0]`` as ``bn.0``), a :class:`StateKey`, a type of
+    the value, or a predicate ``(key, value) -> bool``.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> from lift import StateEntry, export_state, filter_state
+        >>> _, state = export_state({"bn": {"mean": StateEntry(jnp.zeros(1))}, "n": StateEntry(0)})
+        >>> list(filter_state(state, "bn.*"))
+        [StateKey("['bn']['mean']")]
+    """
+    preds = [_predicate(f) for f in filters]
+    return {k: v for k, v in state.items() if any(p(k, v) for p in preds)}
+
+
+def partition_state(
+    state: Mapping[StateKey, Any], *filters: Filter
+) -> tuple[State, ...]:
+    """Split ``state`` by ``filters``: one dict per filter, then one for the rest.
+
+    A key goes to the first filter it matches. ``merge_states`` of the parts is the
+    original state.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> from lift import StateEntry, export_state, partition_state
+        >>> _, state = export_state({"bn": StateEntry(jnp.zeros(1)), "n": StateEntry(0)})
+        >>> bn, rest = partition_state(state, "bn")
+        >>> list(bn), list(rest)
+        ([StateKey("['bn']")], [StateKey("['n']")])
+    """
+    preds = [_predicate(f) for f in filters]
+    parts: list[State] = [{} for _ in range(len(preds) + 1)]
+    for key, value in state.items():
+        for i, pred in enumerate(preds):
+            if pred(key, value):
+                parts[i][key] = value
+                break
+        else:
+            parts[-1][key] = value
+    return tuple(parts)
