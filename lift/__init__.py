@@ -1,4 +1,8 @@
-"""lift: stateful JAX made easy and fast."""
+"""lift: stateful JAX made easy and fast.
+
+``import lift`` never imports Equinox, Inox, Flax or Haiku: the converters in
+``lift.equinox`` and friends load only when used.
+"""
 
 from ._errors import LiftError as LiftError
 from ._errors import TraceError as TraceError
@@ -12,3 +16,16 @@ from ._keys import StateEntry as StateEntry
 from ._keys import StateKey as StateKey
 
 __version__ = "0.1.0"
+
+__all__ = [
+    "LiftError",
+    "StateEntry",
+    "StateKey",
+    "TraceError",
+    "export_state",
+    "filter_state",
+    "import_state",
+    "merge_states",
+    "partition_state",
+    "update_state",
+]
