@@ -4,6 +4,7 @@
 ``lift.equinox`` and friends load only when used.
 """
 
+from ._errors import FrameError as FrameError
 from ._errors import LiftError as LiftError
 from ._errors import TraceError as TraceError
 from ._export import export_state as export_state
@@ -12,20 +13,57 @@ from ._export import import_state as import_state
 from ._export import merge_states as merge_states
 from ._export import partition_state as partition_state
 from ._export import update_state as update_state
+from ._frame import get as get
+from ._frame import lower as lower
+from ._frame import set as set  # noqa: A004 - the contract's name
+from ._frame import stateful as stateful
 from ._keys import StateEntry as StateEntry
 from ._keys import StateKey as StateKey
+from ._lifting import Lifted as Lifted
+from ._lifting import lift_transform as lift_transform
+from ._transforms import checkpoint as checkpoint
+from ._transforms import cond as cond
+from ._transforms import eval_shape as eval_shape
+from ._transforms import fori_loop as fori_loop
+from ._transforms import grad as grad
+from ._transforms import jit as jit
+from ._transforms import remat as remat
+from ._transforms import scan as scan
+from ._transforms import switch as switch
+from ._transforms import value_and_grad as value_and_grad
+from ._transforms import vmap as vmap
+from ._transforms import while_loop as while_loop
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "FrameError",
+    "Lifted",
     "LiftError",
     "StateEntry",
     "StateKey",
     "TraceError",
+    "checkpoint",
+    "cond",
+    "eval_shape",
     "export_state",
     "filter_state",
+    "fori_loop",
+    "get",
+    "grad",
     "import_state",
+    "jit",
+    "lift_transform",
+    "lower",
     "merge_states",
     "partition_state",
+    "remat",
+    "scan",
+    "set",
+    "stateful",
+    "switch",
     "update_state",
+    "value_and_grad",
+    "vmap",
+    "while_loop",
 ]

@@ -11,6 +11,7 @@ from collections.abc import Iterable
 from typing import Any
 
 __all__ = [
+    "FrameError",
     "LiftError",
     "LiftKeyError",
     "LiftTypeError",
@@ -39,6 +40,10 @@ class LiftKeyError(LiftError, KeyError):
     def __str__(self) -> str:
         # KeyError quotes its argument; a message reads better unquoted.
         return str(self.args[0]) if self.args else ""
+
+
+class FrameError(LiftError, RuntimeError):
+    """State was read or written where no frame allows it."""
 
 
 class TraceError(LiftError, RuntimeError):

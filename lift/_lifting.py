@@ -1,0 +1,159 @@
+"""The one combinator every lifted transform is an instance of.
+
+Lifting a function: implicit state becomes an explicit argument (the current frame's
+state dict), non-array leaves of the arguments become static tree structure; then a JAX
+transform runs the pure function; then the result is lowered: the new state goes back
+into the frame and static outputs are unwrapped.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from ._errors import LiftTypeError
+from ._export import State
+from ._frame import _FRAME, run_in_frame
+from ._static import mask, unmask
+
+__all__ = ["Lifted", "Pure", "lift_transform"]
+
+# run(pures, state, *args, **kwargs) -> (out, new_state): applies a JAX transform to the
+# pure functions `pure(state, *args, **kwargs) -> (out, new_state)` and calls it.
+Run = Callable[..., tuple[Any, State]]
+
+
+class Pure:
+    """A lifted function's implicit ``f`` as the pure ``(state, *args) -> (out, state)``.
+
+    Arguments arrive with non-array leaves wrapped as static structure and are unwrapped
+    before ``f`` sees them; non-array leaves of the output are wrapped on the way out
+    (``has_static_out`` remembers that they were, so the caller unwraps them).
+    """
+
+    __slots__ = (
+        "__weakref__", "f", "has_static_out", "keep_scalars", "mutable", "name", "refs"
+    )
+
+    def __init__(
+        self, f: Callable[..., Any], *, mutable: bool, name: str,
+        keep_scalars: bool = False,
+    ) -> None:
+        self.f = f
+        self.keep_scalars = keep_scalars
+        self.mutable = mutable
+        self.name = name
+        self.refs = [False]
+        self.has_static_out = False
+
+    def __call__(self, state: State, /, *args: Any, **kwargs: Any) -> tuple[Any, State]:
+        args, kwargs = unmask((args, kwargs))
+        out, new = run_in_frame(
+            self.f, state, args, kwargs, mutable=self.mutable, name=self.name,
+            refs=self.refs,
+        )
+        out, static = mask(out, keep_scalars=self.keep_scalars)
+        if static:
+            self.has_static_out = True
+        return out, new
+
+
+class Lifted:
+    """An implicit function made by a lifted transform; call it like ``f``.
+
+    Inside a frame it threads that frame's state through the transform; outside any
+    frame it runs with no implicit state (so ``f`` may be a pure function taking the
+    state explicitly, as made by :func:`lift.stateful`).
+    """
+
+    def __init__(
+        self, fns: Sequence[Callable[..., Any]], run: Run, *, name: str,
+        static_args: bool = True, keep_scalars: bool = False,
+    ) -> None:
+        for f in fns:
+            if not callable(f):
+                raise LiftTypeError(
+                    f"`lift.{name}` takes callables; got {type(f).__name__}: {f!r}."
+                )
+        self.fns = tuple(fns)
+        self.run = run
+        self.name = name
+        self.static_args = static_args
+        self.keep_scalars = keep_scalars
+        label = ", ".join(getattr(f, "__qualname__", type(f).__name__) for f in fns)
+        self._pures = {
+            m: tuple(
+                Pure(f, mutable=m, name=f"`lift.{name}({label})`",
+                     keep_scalars=keep_scalars)
+                for f in self.fns
+            )
+            for m in (True, False)
+        }
+        if len(self.fns) == 1:
+            functools.update_wrapper(self, self.fns[0])
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        frame = _FRAME.get()
+        if self.static_args:
+            (args, kwargs), _ = mask((args, kwargs), keep_scalars=self.keep_scalars)
+        if frame is None:
+            pures = self._pures[True]
+            out, _ = self.run(pures, {}, *args, **kwargs)
+        else:
+            pures = self._pures[frame.mutable]
+            out, new_state = self.run(pures, frame.snapshot(), *args, **kwargs)
+            frame.update(new_state, check=False)
+        if any(p.has_static_out for p in pures):
+            out = unmask(out)
+        return out
+
+    def __get__(self, instance: Any, owner: Any = None) -> Any:
+        # Used as a method decorator: bind like a function.
+        if instance is None:
+            return self
+        return functools.partial(self, instance)
+
+
+def lift_transform(
+    transform: Callable[..., Callable[..., Any]],
+) -> Callable[..., Lifted]:
+    """Lift a JAX function transform (``jax.jit``, ``jax.checkpoint``, ...) to lift's state.
+
+    ``lift_transform(T)(f, *options)`` is an implicit function: called inside a frame,
+    it runs ``T(pure, *options)(state, *args)`` where ``pure`` is ``f`` with the frame's
+    state as an explicit first argument, and writes the new state back. Non-array
+    leaves of the arguments are static. The transforms lift ships (``lift.jit``,
+    ``lift.vmap``, ``lift.scan``, ...) are built on the same combinator.
+
+    Args:
+        transform: a function ``T(fun, *options, **options) -> transformed fun`` that
+            keeps the calling convention of ``fun`` (the state is its first argument).
+
+    Returns:
+        The lifted transform.
+
+    Example:
+        >>> import jax, jax.numpy as jnp
+        >>> import lift
+        >>> named = lift.lift_transform(jax.named_call)
+        >>> tree, state = lift.export_state({"n": lift.StateEntry(jnp.zeros(()))})
+        >>> def tick(x):
+        ...     lift.set(tree["n"], lift.get(tree["n"]) + x)
+        ...     return x
+        >>> lift.stateful(named(tick, name="tick"))(state, 2.0)[1][tree["n"]]
+        Array(2., dtype=float32)
+    """
+
+    def lifted(f: Callable[..., Any], *options: Any, **kw_options: Any) -> Lifted:
+        cache: dict[Any, Callable[..., Any]] = {}
+
+        def run(pures: Sequence[Pure], state: State, *args: Any, **kwargs: Any) -> Any:
+            fn = cache.get(pures[0])
+            if fn is None:
+                fn = cache[pures[0]] = transform(pures[0], *options, **kw_options)
+            return fn(state, *args, **kwargs)
+
+        return Lifted((f,), run, name=getattr(transform, "__name__", "transform"))
+
+    return lifted

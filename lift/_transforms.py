@@ -1,0 +1,625 @@
+"""Lifted transforms: JAX's transforms, threading the current frame's state.
+
+Each is a few lines over :class:`~lift._lifting.Lifted`: a ``run`` that applies the
+JAX transform to the pure function(s) and says how the state enters and leaves it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Hashable, Mapping, Sequence
+from typing import Any
+
+import jax
+from jax import lax
+
+from ._errors import LiftTypeError, LiftValueError, describe
+from ._export import State, _predicate, partition_state
+from ._frame import _FRAME
+from ._keys import StateEntry, StateKey
+from ._lifting import Lifted, Pure
+from ._static import Static, mask, unmask
+from ._tracing import batched_here, is_array
+
+__all__ = [
+    "checkpoint",
+    "cond",
+    "eval_shape",
+    "fori_loop",
+    "grad",
+    "jit",
+    "remat",
+    "scan",
+    "switch",
+    "value_and_grad",
+    "vmap",
+    "while_loop",
+]
+
+# ---------------------------------------------------------------------------- jit
+
+
+def _deleted_keys(tree: Any) -> list[str]:
+    found = []
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        is_deleted = getattr(leaf, "is_deleted", None)
+        if is_deleted is not None and is_deleted():
+            found.append(jax.tree_util.keystr(path))
+    return found
+
+
+def _donated_error(args: Any, err: Exception) -> Exception:
+    where = _deleted_keys(args)
+    if not where:
+        return err
+    return LiftValueError(
+        f"A lifted `jit` was called with state that an earlier call with "
+        f"`donate_state=True` consumed (deleted buffers at {', '.join(where[:5])}). "
+        "Use the state that call returned, not the one you passed in; to keep the old "
+        "one, copy it first (`jax.tree.map(jnp.copy, state)`) or drop `donate_state`."
+    )
+
+
+class _Jit(Lifted):
+    """``lift.jit``: with a fast path for top-level calls whose leaves are all arrays."""
+
+    def __init__(self, f: Callable[..., Any], donate_state: bool, options: dict) -> None:
+        self._jitted: dict[Pure, Callable[..., Any]] = {}
+        self._options = options
+        self._donate = donate_state
+        self._direct_ok = True
+        self._direct = jax.jit(
+            self._plain, donate_argnums=(0,) if donate_state else (), **options
+        )
+        self._f = f
+        super().__init__((f,), self._run, name="jit")
+
+    def _plain(self, *args: Any, **kwargs: Any) -> Any:
+        # Top level, all arguments arrays: `f` is a pure function jitted as is. Should it
+        # return non-arrays, fall back (once and for all) to the general path.
+        out = self._f(*args, **kwargs)
+        if not all(map(is_array, jax.tree_util.tree_leaves(out))):
+            self._direct_ok = False
+            raise _Fallback
+        return out
+
+    def _run(self, pures: Sequence[Pure], state: State, *args: Any, **kwargs: Any) -> Any:
+        fn = self._jitted.get(pures[0])
+        if fn is None:
+            if self._donate and _FRAME.get() is None:
+                # At top level the state is the pure function's first argument.
+                fn = jax.jit(
+                    lambda s, *a, **k: pures[0](s, *a, **k),
+                    donate_argnums=(1,), **self._options,
+                )
+            else:
+                donate = (0,) if self._donate else ()
+                fn = jax.jit(pures[0], donate_argnums=donate, **self._options)
+            self._jitted[pures[0]] = fn
+        return fn(state, *args, **kwargs)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            if (
+                self._direct_ok
+                and _FRAME.get() is None
+                and all(map(is_array, jax.tree_util.tree_leaves((args, kwargs))))
+            ):
+                try:
+                    return self._direct(*args, **kwargs)
+                except _Fallback:
+                    pass
+            return super().__call__(*args, **kwargs)
+        except (RuntimeError, ValueError) as err:
+            if "delete" in str(err) or "donat" in str(err):
+                raise _donated_error((args, kwargs), err) from err
+            raise
+
+
+class _Fallback(Exception):
+    pass
+
+
+def jit(
+    f: Callable[..., Any] | None = None, /, *, donate_state: bool = False, **jit_kwargs: Any
+) -> Any:
+    """:func:`jax.jit` that threads state; non-array leaves of the arguments are static.
+
+    Inside a frame, the frame's state goes in and out of the compiled function. At top
+    level it compiles ``f`` as it is, typically a pure ``lift.stateful(step)``; calls
+    whose leaves are all arrays cost what ``jax.jit`` costs.
+
+    Args:
+        f: the function; ``lift.jit(donate_state=True)`` without it gives a decorator.
+        donate_state: donate the state's buffers to the computation: inside a frame the
+            frame's state, at top level the first argument. Reusing a donated state is
+            an error.
+        **jit_kwargs: passed to :func:`jax.jit` (``in_shardings``, ``out_shardings``,
+            ``keep_unused``, ...).
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> import lift
+        >>> tree, state = lift.export_state({"n": lift.StateEntry(jnp.zeros(()))})
+        >>> @lift.jit
+        ... @lift.stateful
+        ... def step(x):
+        ...     lift.set(tree["n"], lift.get(tree["n"]) + x)
+        ...     return 2 * x
+        >>> out, state = step(state, jnp.ones(()))
+        >>> out, state[tree["n"]]
+        (Array(2., dtype=float32), Array(1., dtype=float32))
+    """
+    for bad in ("static_argnums", "static_argnames", "donate_argnums", "donate_argnames"):
+        if bad in jit_kwargs:
+            raise LiftTypeError(
+                f"`lift.jit` does not take `{bad}`: non-array arguments are static "
+                "automatically, and state is donated with `donate_state=True`."
+            )
+    if f is None:
+        return lambda g: _Jit(g, donate_state, jit_kwargs)
+    return _Jit(f, donate_state, jit_kwargs)
+
+
+# --------------------------------------------------------------------------- vmap
+
+_AUTO = object()
+
+
+def _keys_in(tree: Any) -> list[StateKey]:
+    return [
+        x for x in jax.tree_util.tree_leaves(tree, is_leaf=lambda x: type(x) is StateKey)
+        if type(x) is StateKey
+    ]
+
+
+def _arg_axes(args: tuple, kwargs: dict, in_axes: Any) -> dict[StateKey, int]:
+    """The axis of each state key found inside a mapped argument."""
+    found: dict[StateKey, int] = {}
+
+    def note(tree: Any, axis: Any) -> None:
+        if axis is None:
+            return
+        for key in _keys_in(tree):
+            if found.setdefault(key, axis) != axis:
+                raise LiftValueError(
+                    f"`lift.vmap`: the key {str(key)!r} appears in arguments mapped over "
+                    f"different axes ({found[key]} and {axis}). Say which one with "
+                    f"`state_axes={{StateKey({str(key)!r}): axis}}`."
+                )
+
+    for arg, spec in zip(args, in_axes):
+        if spec is None or isinstance(spec, int):
+            note(arg, spec)
+            continue
+        specs, treedef = jax.tree_util.tree_flatten(spec, is_leaf=lambda x: x is None)
+        for sub, axis in zip(treedef.flatten_up_to(arg), specs):
+            note(sub, axis)
+    note(kwargs, 0)
+    return found
+
+
+def _state_axes(
+    state: State, state_axes: Any, inferred: dict[StateKey, int]
+) -> dict[StateKey, int | None]:
+    if state_axes is None or state_axes is _AUTO:
+        return {k: inferred.get(k) for k in state}
+    if isinstance(state_axes, int):
+        return dict.fromkeys(state, state_axes)
+    if not isinstance(state_axes, Mapping):
+        raise LiftTypeError(
+            "`state_axes` must be None, an int, or a dict {filter: axis} whose filters "
+            f"are globs, StateKeys, types or predicates; got {type(state_axes).__name__}."
+        )
+    preds = [(_predicate(filt), axis) for filt, axis in state_axes.items()]
+    out: dict[StateKey, int | None] = {}
+    for key, value in state.items():
+        for pred, axis in preds:
+            if pred(key, value):
+                out[key] = axis
+                break
+        else:
+            out[key] = inferred.get(key)
+    return out
+
+
+def _check_rank(state: State, axes: Mapping[StateKey, int | None], what: str) -> None:
+    for key, axis in axes.items():
+        if axis is None:
+            continue
+        for leaf in jax.tree_util.tree_leaves(state[key]):
+            ndim = len(getattr(leaf, "shape", ()))
+            if not -ndim <= axis < ndim:
+                raise LiftValueError(
+                    f"`lift.{what}`: the state {str(key)!r} is {describe(state[key])}, "
+                    f"which has no axis {axis} to map over. Build that state with a "
+                    "batch axis (e.g. vmap its constructor), or mark it shared with "
+                    f"`state_axes={{StateKey({str(key)!r}): None}}`."
+                )
+
+
+def vmap(
+    f: Callable[..., Any],
+    in_axes: Any = 0,
+    out_axes: Any = 0,
+    *,
+    state_axes: Any = None,
+    axis_name: Hashable | None = None,
+    axis_size: int | None = None,
+    spmd_axis_name: Any = None,
+) -> Lifted:
+    """:func:`jax.vmap` that threads state.
+
+    State is shared by the batch unless said otherwise: ``state_axes`` is ``None``, an
+    int (every key mapped over that axis), or ``{filter: axis}`` with the filters of
+    :func:`lift.filter_state`. State whose keys appear in a mapped argument (an
+    ensemble whose entries were built under ``vmap``) is mapped over that argument's
+    axis without being named. Writing a batched value into shared state is an error.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> import lift
+        >>> tree, state = lift.export_state({"total": lift.StateEntry(jnp.zeros(()))})
+        >>> def add(x):
+        ...     t = lift.get(tree["total"])
+        ...     lift.set(tree["total"], t + jax.lax.psum(x, "batch"))
+        ...     return x + t
+        >>> import jax
+        >>> out, state = lift.stateful(lift.vmap(add, axis_name="batch"))(state, jnp.arange(3.0))
+        >>> state[tree["total"]]
+        Array(3., dtype=float32)
+    """
+
+    def run(pures: Sequence[Pure], state: State, *args: Any, **kwargs: Any) -> Any:
+        spec = in_axes
+        if isinstance(spec, list):
+            spec = tuple(spec)
+        if not isinstance(spec, tuple):
+            spec = (spec,) * len(args)
+        if len(spec) != len(args):
+            raise LiftValueError(
+                f"`lift.vmap`: in_axes has {len(spec)} entries but the function got "
+                f"{len(args)} positional arguments; give one axis spec per argument."
+            )
+        axes = _state_axes(state, state_axes, _arg_axes(args, kwargs, spec))
+        _check_rank(state, axes, "vmap")
+        shared = [k for k, a in axes.items() if a is None]
+
+        def body(state: State, args: tuple, kwargs: dict) -> Any:
+            out, new = pures[0](state, *args, **kwargs)
+            for key in shared:
+                if any(map(batched_here, jax.tree_util.tree_leaves(new[key]))):
+                    raise LiftValueError(
+                        f"`lift.vmap`: the new value of {str(key)!r} differs across the "
+                        "batch, but that state is shared by the batch (its state axis is "
+                        "None), so one value per example cannot be written to it. Reduce "
+                        "it over the batch: pass `axis_name='batch'` and write "
+                        "`lax.pmean(value, 'batch')`; or keep one state per example with "
+                        f"`state_axes={{StateKey({str(key)!r}): 0}}` (the state then "
+                        "needs that batch axis)."
+                    )
+            return out, new
+
+        return jax.vmap(
+            body, in_axes=(axes, spec, 0), out_axes=(out_axes, axes),
+            axis_name=axis_name, axis_size=axis_size, spmd_axis_name=spmd_axis_name,
+        )(state, args, kwargs)
+
+    return Lifted((f,), run, name="vmap")
+
+
+# --------------------------------------------------------------------------- scan
+
+
+def _split_scanned(
+    state: State, state_axes: Any
+) -> tuple[State, dict[StateKey, int]]:
+    """The scanned keys (with their axes) and the carried rest."""
+    if state_axes is None:
+        return dict(state), {}
+    if not isinstance(state_axes, Mapping):
+        raise LiftTypeError(
+            "`lift.scan(state_axes=...)` must be None (carry all state) or a dict "
+            "{filter: axis} naming the state stacked per step (scan over layers); got "
+            f"{type(state_axes).__name__}."
+        )
+    axes = {k: a for k, a in _state_axes(state, state_axes, {}).items() if a is not None}
+    _check_rank(state, axes, "scan")
+    return {k: v for k, v in state.items() if k not in axes}, axes
+
+
+def _moveaxis(tree: Any, src: int, dst: int) -> Any:
+    if src == dst:
+        return tree
+    return jax.tree_util.tree_map(lambda x: jax.numpy.moveaxis(x, src, dst), tree)
+
+
+def scan(
+    f: Callable[[Any, Any], tuple[Any, Any]],
+    init: Any,
+    xs: Any = None,
+    length: int | None = None,
+    reverse: bool = False,
+    unroll: int | bool = 1,
+    *,
+    state_axes: Any = None,
+) -> tuple[Any, Any]:
+    """:func:`jax.lax.scan` that carries state.
+
+    All state is carried through the loop by default, including state the body only
+    reads. ``state_axes={filter: axis}`` scans over state stacked along ``axis`` instead
+    (one slice per step, as in scan over layers) and restacks the new values.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> import lift
+        >>> tree, state = lift.export_state({"n": lift.StateEntry(jnp.zeros(()))})
+        >>> def body(carry, x):
+        ...     lift.set(tree["n"], lift.get(tree["n"]) + 1)
+        ...     return carry + x, carry
+        >>> run = lambda xs: lift.scan(body, 0.0, xs)
+        >>> (total, _), state = lift.stateful(run)(state, jnp.arange(4.0))
+        >>> total, state[tree["n"]]
+        (Array(6., dtype=float32), Array(4., dtype=float32))
+    """
+
+    def run(pures: Sequence[Pure], state: State, init: Any, xs: Any) -> Any:
+        carried, axes = _split_scanned(state, state_axes)
+        stacked = {k: _moveaxis(state[k], a, 0) for k, a in axes.items()}
+
+        def body(carry: Any, x: Any) -> Any:
+            (c, carried), (xi, sliced) = carry, x
+            (c, y), new = pures[0]({**carried, **sliced}, c, xi)
+            return (c, {k: new[k] for k in carried}), (y, {k: new[k] for k in sliced})
+
+        (c, carried), (ys, stacked) = lax.scan(
+            body, (init, carried), (xs, stacked), length=length, reverse=reverse,
+            unroll=unroll,
+        )
+        stacked = {k: _moveaxis(v, 0, axes[k]) for k, v in stacked.items()}
+        return (c, ys), {**carried, **stacked}
+
+    return Lifted((f,), run, name="scan", static_args=False, keep_scalars=True)(init, xs)
+
+
+# ------------------------------------------------------------------------ control
+
+
+def cond(pred: Any, true_fun: Callable, false_fun: Callable, *operands: Any) -> Any:
+    """:func:`jax.lax.cond` that threads state: the branch that does not run never writes.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> import lift
+        >>> tree, state = lift.export_state({"n": lift.StateEntry(jnp.zeros(()))})
+        >>> def bump(x):
+        ...     lift.set(tree["n"], lift.get(tree["n"]) + x)
+        ...     return x
+        >>> f = lambda p, x: lift.cond(p, bump, lambda x: -x, x)
+        >>> lift.stateful(f)(state, False, 2.0)[1][tree["n"]]
+        Array(0., dtype=float32)
+    """
+
+    def run(pures: Sequence[Pure], state: State, pred: Any, *ops: Any) -> Any:
+        return lax.cond(unmask(pred), pures[0], pures[1], state, *ops)
+
+    return Lifted((true_fun, false_fun), run, name="cond", keep_scalars=True)(
+        pred, *operands
+    )
+
+
+def switch(index: Any, branches: Sequence[Callable], *operands: Any) -> Any:
+    """:func:`jax.lax.switch` that threads state: only the chosen branch writes.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> import lift
+        >>> tree, state = lift.export_state({"n": lift.StateEntry(jnp.zeros(()))})
+        >>> def put(v):
+        ...     return lambda: lift.set(tree["n"], jnp.asarray(v, jnp.float32))
+        >>> lift.stateful(lambda i: lift.switch(i, [put(1), put(2), put(3)]))(state, 1)[1][tree["n"]]
+        Array(2., dtype=float32)
+    """
+
+    def run(pures: Sequence[Pure], state: State, index: Any, *ops: Any) -> Any:
+        return lax.switch(unmask(index), list(pures), state, *ops)
+
+    return Lifted(tuple(branches), run, name="switch", keep_scalars=True)(
+        index, *operands
+    )
+
+
+def while_loop(cond_fun: Callable, body_fun: Callable, init_val: Any) -> Any:
+    """:func:`jax.lax.while_loop` that carries state; ``cond_fun`` may read it.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> import lift
+        >>> tree, state = lift.export_state({"n": lift.StateEntry(jnp.zeros(()))})
+        >>> def body(i):
+        ...     lift.set(tree["n"], lift.get(tree["n"]) + 2)
+        ...     return i + 1
+        >>> loop = lambda: lift.while_loop(lambda i: lift.get(tree["n"]) < 5, body, 0)
+        >>> lift.stateful(loop)(state)
+        (Array(3, dtype=int32, weak_type=True), {StateKey("['n']"): Array(6., dtype=float32)})
+    """
+
+    def run(pures: Sequence[Pure], state: State, init: Any) -> Any:
+        test = Pure(pures[0].f, mutable=False, name=pures[0].name)
+        val, state = lax.while_loop(
+            lambda c: test(c[1], c[0])[0], lambda c: pures[1](c[1], c[0]), (init, state)
+        )
+        return val, state
+
+    return Lifted((cond_fun, body_fun), run, name="while_loop", static_args=False, keep_scalars=True)(
+        init_val
+    )
+
+
+def fori_loop(
+    lower: Any, upper: Any, body_fun: Callable, init_val: Any, *, unroll: Any = None
+) -> Any:
+    """:func:`jax.lax.fori_loop` that carries state.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> import lift
+        >>> tree, state = lift.export_state({"n": lift.StateEntry(jnp.zeros(()))})
+        >>> def body(i, acc):
+        ...     lift.set(tree["n"], lift.get(tree["n"]) + i)
+        ...     return acc + 1
+        >>> lift.stateful(lambda: lift.fori_loop(0, 4, body, 0))(state)[1][tree["n"]]
+        Array(6., dtype=float32)
+    """
+
+    def run(pures: Sequence[Pure], state: State, init: Any) -> Any:
+        def body(i: Any, c: Any) -> Any:
+            return pures[0](c[1], i, c[0])
+
+        return lax.fori_loop(lower, upper, body, (init, state), unroll=unroll)
+
+    return Lifted((body_fun,), run, name="fori_loop", static_args=False, keep_scalars=True)(init_val)
+
+
+# ------------------------------------------------------------- autodiff and remat
+
+
+def _refuse_state(args: tuple, argnums: Sequence[int], what: str) -> None:
+    for i in argnums:
+        if i >= len(args):
+            continue
+        arg = unmask(args[i])
+        is_state = isinstance(arg, Mapping) and arg and all(
+            type(k) is StateKey for k in arg
+        )
+        has_entry = any(
+            type(x) is StateEntry
+            for x in jax.tree_util.tree_leaves(arg, is_leaf=lambda x: type(x) is StateEntry)
+        )
+        if is_state or has_entry:
+            raise LiftTypeError(
+                f"`lift.{what}` was asked for a gradient with respect to state (argument "
+                f"{i} is {'a state dict' if is_state else 'a tree holding StateEntry'}). "
+                "State is threaded as auxiliary output and never differentiated: "
+                "differentiate with respect to the parameters, export the state with "
+                "`export_state` and let lift thread it (call inside `lift.stateful`)."
+            )
+
+
+def value_and_grad(
+    f: Callable[..., Any],
+    argnums: int | Sequence[int] = 0,
+    has_aux: bool = False,
+    *,
+    holomorphic: bool = False,
+    allow_int: bool = False,
+) -> Lifted:
+    """:func:`jax.value_and_grad` that threads state as auxiliary output.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> import lift
+        >>> tree, state = lift.export_state({"calls": lift.StateEntry(jnp.zeros(()))})
+        >>> def loss(w):
+        ...     lift.set(tree["calls"], lift.get(tree["calls"]) + 1)
+        ...     return jnp.sum(w**2)
+        >>> (value, grad), state = lift.stateful(lift.value_and_grad(loss))(state, jnp.ones(2))
+        >>> value, grad, state[tree["calls"]]
+        (Array(2., dtype=float32), Array([2., 2.], dtype=float32), Array(1., dtype=float32))
+    """
+    return Lifted(
+        (f,), _vg_run(argnums, has_aux, holomorphic, allow_int, "value_and_grad"),
+        name="value_and_grad",
+    )
+
+
+def _vg_run(
+    argnums: int | Sequence[int], has_aux: bool, holomorphic: bool, allow_int: bool,
+    what: str, *, values: bool = True,
+) -> Callable[..., Any]:
+    nums = (argnums,) if isinstance(argnums, int) else tuple(argnums)
+
+    def run(pures: Sequence[Pure], state: State, *args: Any, **kwargs: Any) -> Any:
+        _refuse_state(args, nums, what)
+
+        def loss(*args: Any) -> Any:
+            out, new = pures[0](state, *args, **kwargs)
+            if has_aux:
+                value, aux = out
+                return value, (aux, new)
+            return out, (None, new)
+
+        (value, (aux, new)), grads = jax.value_and_grad(
+            loss, argnums=argnums, has_aux=True, holomorphic=holomorphic,
+            allow_int=allow_int,
+        )(*args)
+        grads = unmask(grads, static_as_none=True)
+        if not values:
+            return ((grads, aux) if has_aux else grads), new
+        return (((value, aux), grads) if has_aux else (value, grads)), new
+
+    return run
+
+
+def grad(
+    f: Callable[..., Any],
+    argnums: int | Sequence[int] = 0,
+    has_aux: bool = False,
+    *,
+    holomorphic: bool = False,
+    allow_int: bool = False,
+) -> Lifted:
+    """:func:`jax.grad` that threads state as auxiliary output (never differentiated).
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> import lift
+        >>> lift.grad(lambda w: jnp.sum(w**2))(jnp.ones(2))
+        Array([2., 2.], dtype=float32)
+    """
+    return Lifted(
+        (f,), _vg_run(argnums, has_aux, holomorphic, allow_int, "grad", values=False),
+        name="grad",
+    )
+
+
+def checkpoint(
+    f: Callable[..., Any],
+    *,
+    prevent_cse: bool = True,
+    policy: Callable[..., bool] | None = None,
+) -> Lifted:
+    """:func:`jax.checkpoint` (``remat``) that threads state.
+
+    Example:
+        >>> import jax, jax.numpy as jnp
+        >>> import lift
+        >>> jax.grad(lift.checkpoint(lambda x: 3 * x**2))(1.0)
+        Array(6., dtype=float32, weak_type=True)
+    """
+
+    def run(pures: Sequence[Pure], state: State, *args: Any, **kwargs: Any) -> Any:
+        return jax.checkpoint(pures[0], prevent_cse=prevent_cse, policy=policy)(
+            state, *args, **kwargs
+        )
+
+    return Lifted((f,), run, name="checkpoint")
+
+
+remat = checkpoint
+
+
+def eval_shape(f: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """:func:`jax.eval_shape` of an implicit function; the state is read, not written.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> import lift
+        >>> lift.eval_shape(lambda x: x @ x.T, jnp.ones((3, 2)))
+        ShapeDtypeStruct(shape=(3, 3), dtype=float32)
+    """
+
+    def run(pures: Sequence[Pure], state: State, *args: Any, **kwargs: Any) -> Any:
+        out, _ = jax.eval_shape(pures[0], state, *args, **kwargs)
+        return out, state
+
+    return Lifted((f,), run, name="eval_shape")(*args, **kwargs)
