@@ -295,7 +295,7 @@ def stateful(f: Callable[P, R], *, mutable: bool = True) -> Callable[..., tuple[
     name = f"`stateful({getattr(f, '__qualname__', type(f).__name__)})`"
     refs = [False]
 
-    @functools.wraps(f)
+    @functools.wraps(f, updated=())
     def pure(state: Mapping[Any, Any], /, *args: Any, **kwargs: Any) -> tuple[R, State]:
         if not isinstance(state, Mapping):
             raise LiftTypeError(
@@ -330,7 +330,7 @@ def lower(g: Callable[..., tuple[R, Mapping[Any, Any]]]) -> Callable[..., R]:
     if inner is not None and getattr(g, "__lift_mutable__", False):
         return inner
 
-    @functools.wraps(g)
+    @functools.wraps(g, updated=())
     def implicit(*args: Any, **kwargs: Any) -> R:
         frame = _frame_or_raise("lower", getattr(g, "__qualname__", "g"))
         result = g(frame.snapshot(), *args, **kwargs)

@@ -91,7 +91,7 @@ class Lifted:
             for m in (True, False)
         }
         if len(self.fns) == 1:
-            functools.update_wrapper(self, self.fns[0])
+            functools.update_wrapper(self, self.fns[0], updated=())
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         frame = _FRAME.get()

@@ -18,7 +18,7 @@ from ._frame import _FRAME
 from ._keys import StateEntry, StateKey
 from ._lifting import Lifted, Pure
 from ._static import Static, mask, unmask
-from ._tracing import batched_here, is_array
+from ._tracing import _ARRAY_TYPES, batched_here, is_array
 
 __all__ = [
     "checkpoint",
@@ -36,6 +36,8 @@ __all__ = [
 ]
 
 # ---------------------------------------------------------------------------- jit
+
+_flatten = jax.tree_util.default_registry.flatten
 
 
 def _deleted_keys(tree: Any) -> list[str]:
@@ -99,15 +101,15 @@ class _Jit(Lifted):
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         try:
-            if (
-                self._direct_ok
-                and _FRAME.get() is None
-                and all(map(is_array, jax.tree_util.tree_leaves((args, kwargs))))
-            ):
-                try:
-                    return self._direct(*args, **kwargs)
-                except _Fallback:
-                    pass
+            if self._direct_ok and _FRAME.get() is None:
+                leaves = _flatten((args, kwargs) if kwargs else args)[0]
+                if _ARRAY_TYPES.issuperset(map(type, leaves)) or all(
+                    map(is_array, leaves)
+                ):
+                    try:
+                        return self._direct(*args, **kwargs)
+                    except _Fallback:
+                        pass
             return super().__call__(*args, **kwargs)
         except (RuntimeError, ValueError) as err:
             if "delete" in str(err) or "donat" in str(err):
