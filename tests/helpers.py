@@ -1,0 +1,121 @@
+"""Small stateful models and helpers shared by the tests.
+
+Each model comes as a builder (a pytree holding ``StateEntry``s), an implicit step that
+uses ``lift.get``/``lift.set``, and a pure reference written with plain ``jnp`` math and
+explicit threading, so tests can compare lift against hand-written JAX.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+import lift
+
+MOMENTUM = 0.9
+EPS = 1e-5
+FEATURES = 3
+
+
+# ------------------------------------------------------------------------- counter
+
+
+def make_counter(start: int = 0) -> tuple[dict, dict]:
+    """An exported ``{"n": int32 counter}`` tree and its state."""
+    return lift.export_state({"n": lift.StateEntry(jnp.asarray(start, jnp.int32))})
+
+
+def tick(tree: dict, by: Any = 1) -> Any:
+    """Increment the counter of ``tree`` (implicit); return its old value."""
+    old = lift.get(tree["n"])
+    lift.set(tree["n"], old + by)
+    return old
+
+
+# ---------------------------------------------------------------------- batch norm
+
+
+def make_bn(features: int = FEATURES) -> dict:
+    """A BatchNorm-like layer: parameters, running mean/var and a step counter."""
+    return {
+        "scale": jnp.linspace(0.5, 1.5, features, dtype=jnp.float32),
+        "bias": jnp.linspace(-0.1, 0.1, features, dtype=jnp.float32),
+        "mean": lift.StateEntry(jnp.zeros(features, jnp.float32)),
+        "var": lift.StateEntry(jnp.ones(features, jnp.float32)),
+        "count": lift.StateEntry(jnp.zeros((), jnp.int32)),
+    }
+
+
+def batch_stats(x: jax.Array, axis_name: Any = None) -> tuple[jax.Array, jax.Array]:
+    """Mean and (biased) variance over the batch.
+
+    With ``axis_name``, ``x`` is one example under ``vmap`` and the statistics are
+    ``pmean``-ed over the named axis; otherwise ``x`` is ``(batch, features)``.
+    """
+    if axis_name is None:
+        mean = jnp.mean(x, axis=0)
+        return mean, jnp.mean((x - mean) ** 2, axis=0)
+    mean = lax.pmean(x, axis_name)
+    return mean, lax.pmean((x - mean) ** 2, axis_name)
+
+
+def bn_step(model: dict, x: jax.Array, axis_name: Any = None) -> jax.Array:
+    """Normalise ``x`` with batch statistics and update the running ones (implicit)."""
+    mean, var = batch_stats(x, axis_name)
+    lift.set(model["mean"], MOMENTUM * lift.get(model["mean"]) + (1 - MOMENTUM) * mean)
+    lift.set(model["var"], MOMENTUM * lift.get(model["var"]) + (1 - MOMENTUM) * var)
+    lift.set(model["count"], lift.get(model["count"]) + 1)
+    return (x - mean) / jnp.sqrt(var + EPS) * model["scale"] + model["bias"]
+
+
+def bn_reference(
+    model: dict, values: dict[str, Any], x: jax.Array
+) -> tuple[jax.Array, dict[str, Any]]:
+    """The same step, pure: ``values`` maps "mean"/"var"/"count" to arrays."""
+    mean, var = batch_stats(x)
+    new = {
+        "mean": MOMENTUM * values["mean"] + (1 - MOMENTUM) * mean,
+        "var": MOMENTUM * values["var"] + (1 - MOMENTUM) * var,
+        "count": values["count"] + 1,
+    }
+    y = (x - mean) / jnp.sqrt(var + EPS) * model["scale"] + model["bias"]
+    return y, new
+
+
+def bn_values(model: dict, state: dict) -> dict[str, Any]:
+    """The running statistics of an exported BatchNorm ``model``, by name."""
+    return {name: state[model[name]] for name in ("mean", "var", "count")}
+
+
+# ------------------------------------------------------------------------- helpers
+
+
+class TraceCounter:
+    """Counts how often a function is traced (its Python body runs)."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def __call__(self) -> None:
+        """Record one trace; call this inside the traced function."""
+        self.count += 1
+
+
+def assert_states_close(
+    got: dict, expected: dict, *, rtol: float = 1e-6, atol: float = 1e-6
+) -> None:
+    """Same keys, and every leaf close (exactly equal for integer dtypes)."""
+    assert set(got) == set(expected), (sorted(got), sorted(expected))
+    for key in expected:
+        got_leaves = jax.tree_util.tree_leaves(got[key])
+        exp_leaves = jax.tree_util.tree_leaves(expected[key])
+        assert len(got_leaves) == len(exp_leaves), key
+        for a, b in zip(got_leaves, exp_leaves, strict=True):
+            a, b = np.asarray(a), np.asarray(b)
+            assert a.shape == b.shape, (key, a.shape, b.shape)
+            assert a.dtype == b.dtype, (key, a.dtype, b.dtype)
+            np.testing.assert_allclose(a, b, rtol=rtol, atol=atol, err_msg=str(key))
