@@ -1,0 +1,433 @@
+"""Frames: ``stateful``, ``get``, ``set`` and ``lower``."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from helpers import make_counter, tick
+
+import lift
+
+
+@pytest.fixture
+def model():
+    """A tree with a float vector, an int counter and a nested pair of entries."""
+    return lift.export_state(
+        {
+            "w": jnp.arange(3.0),
+            "ema": lift.StateEntry(jnp.zeros(3, jnp.float32)),
+            "n": lift.StateEntry(jnp.zeros((), jnp.int32)),
+            "pair": lift.StateEntry(
+                (jnp.ones(2, jnp.float32), jnp.zeros((), jnp.int32))
+            ),
+        }
+    )
+
+
+# ---------------------------------------------------------------- stateful basics
+
+
+def test_stateful_returns_out_and_new_state(model):
+    tree, state = model
+
+    def step(x):
+        lift.set(tree["ema"], 0.5 * lift.get(tree["ema"]) + 0.5 * x)
+        lift.set(tree["n"], lift.get(tree["n"]) + 1)
+        return x * tree["w"]
+
+    x = jnp.array([1.0, 2.0, 4.0])
+    result = lift.stateful(step)(state, x)
+    assert isinstance(result, tuple)
+    assert len(result) == 2
+    out, new = result
+    np.testing.assert_array_equal(out, x * jnp.arange(3.0))
+    np.testing.assert_array_equal(new[tree["ema"]], 0.5 * x)
+    assert int(new[tree["n"]]) == 1
+    # a second call on the new state keeps threading
+    _, newer = lift.stateful(step)(new, x)
+    np.testing.assert_allclose(newer[tree["ema"]], 0.75 * x)
+    assert int(newer[tree["n"]]) == 2
+
+
+def test_input_state_is_never_mutated(model):
+    tree, state = model
+    before = dict(state)
+
+    def step():
+        tick(tree)
+        lift.set(tree["ema"], jnp.full(3, 7.0))
+
+    _, new = lift.stateful(step)(state)
+    assert state == before  # same keys, same value objects
+    for key in state:
+        assert state[key] is before[key]
+    assert int(state[tree["n"]]) == 0
+    np.testing.assert_array_equal(state[tree["ema"]], jnp.zeros(3))
+    assert new is not state
+
+
+def test_output_has_exactly_the_input_keys(model):
+    tree, state = model
+
+    def step():
+        tick(tree)
+
+    _, new = lift.stateful(step)(state)
+    assert set(new) == set(state)
+    assert all(type(k) is lift.StateKey for k in new)
+
+
+def test_unwritten_values_are_the_same_objects(model):
+    tree, state = model
+
+    def step():
+        lift.get(tree["ema"])  # read, not written
+        tick(tree)
+
+    _, new = lift.stateful(step)(state)
+    assert new[tree["ema"]] is state[tree["ema"]]
+    assert new[tree["pair"]] is state[tree["pair"]]
+    assert new[tree["n"]] is not state[tree["n"]]
+
+
+def test_kwargs_are_passed_through(model):
+    tree, state = model
+
+    def step(x, *, scale):
+        lift.set(tree["ema"], x * scale)
+        return scale
+
+    out, new = lift.stateful(step)(state, jnp.ones(3), scale=3.0)
+    assert out == 3.0
+    np.testing.assert_array_equal(new[tree["ema"]], jnp.full(3, 3.0))
+
+
+def test_stateful_refuses_non_callable():
+    with pytest.raises(lift.LiftError, match="callable"):
+        lift.stateful(3)
+
+
+def test_stateful_refuses_non_mapping_state(model):
+    del model
+    with pytest.raises(TypeError, match="state dict"):
+        lift.stateful(lambda: None)([1, 2])
+
+
+# ---------------------------------------------------------------- immutable frames
+
+
+def test_immutable_frame_reads(model):
+    tree, state = model
+    out, new = lift.stateful(lambda: lift.get(tree["ema"]) + 1, mutable=False)(state)
+    np.testing.assert_array_equal(out, jnp.ones(3))
+    assert new == state
+
+
+def test_immutable_frame_refuses_set(model):
+    tree, state = model
+    pure = lift.stateful(lambda: tick(tree), mutable=False)
+    with pytest.raises(lift.FrameError, match="mutable") as info:
+        pure(state)
+    assert isinstance(info.value, lift.LiftError)
+    assert "['n']" in str(info.value)
+
+
+# ------------------------------------------------------------- outside a frame
+
+
+def test_get_outside_frame_names_the_fix(model):
+    tree, _ = model
+    with pytest.raises(lift.FrameError, match="outside a frame") as info:
+        lift.get(tree["n"])
+    assert "lift.stateful" in str(info.value)
+    assert isinstance(info.value, lift.LiftError)
+
+
+def test_set_outside_frame_names_the_fix(model):
+    tree, _ = model
+    with pytest.raises(lift.FrameError, match="outside a frame") as info:
+        lift.set(tree["n"], jnp.ones((), jnp.int32))
+    assert "lift.stateful" in str(info.value)
+
+
+def test_frame_is_gone_after_the_call(model):
+    tree, state = model
+    lift.stateful(lambda: lift.get(tree["n"]))(state)
+    with pytest.raises(lift.FrameError):
+        lift.get(tree["n"])
+
+
+def test_frame_is_gone_after_an_exception(model):
+    tree, state = model
+
+    def boom():
+        lift.get(tree["n"])
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        lift.stateful(boom)(state)
+    with pytest.raises(lift.FrameError):
+        lift.get(tree["n"])
+
+
+# ------------------------------------------------------------------ set checks
+
+
+@pytest.mark.parametrize(
+    ("name", "bad", "what"),
+    [
+        ("ema", jnp.zeros(4, jnp.float32), "shape"),
+        ("ema", jnp.zeros((3, 1), jnp.float32), "shape"),
+        ("ema", jnp.zeros(3, jnp.int32), "dtype"),
+        ("n", jnp.zeros((), jnp.float32), "dtype"),
+        ("pair", jnp.ones(2, jnp.float32), "structure"),
+        ("pair", [jnp.ones(2, jnp.float32), jnp.zeros((), jnp.int32)], "structure"),
+    ],
+)
+def test_set_checks_structure_shape_dtype_and_names_the_key(model, name, bad, what):
+    tree, state = model
+
+    def step():
+        lift.set(tree[name], bad)
+
+    with pytest.raises(lift.LiftError) as info:
+        lift.stateful(step)(state)
+    assert isinstance(info.value, ValueError)
+    assert str(tree[name]) in str(info.value)
+    assert what in str(info.value)
+
+
+def test_set_unknown_key_is_a_key_error(model):
+    _tree, state = model
+    with pytest.raises(KeyError) as info:
+        lift.stateful(lambda: lift.set(lift.StateKey("['emma']"), jnp.zeros(3)))(state)
+    assert isinstance(info.value, lift.LiftError)
+    assert "['ema']" in str(info.value)  # the closest existing path
+
+
+def test_get_unknown_key_is_a_key_error(model):
+    _tree, state = model
+    with pytest.raises(KeyError, match=r"\['n'\]"):
+        lift.stateful(lambda: lift.get(lift.StateKey("['nn']")))(state)
+
+
+def test_python_scalar_is_cast_to_the_state_dtype(model):
+    tree, state = model
+
+    def step():
+        lift.set(tree["ema"], lift.get(tree["ema"]) + 1.5)  # weak float → float32
+        lift.set(tree["n"], 5)
+
+    _, new = lift.stateful(step)(state)
+    assert new[tree["ema"]].dtype == jnp.float32
+    assert not new[tree["ema"]].weak_type
+    np.testing.assert_array_equal(new[tree["ema"]], jnp.full(3, 1.5))
+    assert isinstance(new[tree["n"]], jax.Array), type(new[tree["n"]])
+    assert new[tree["n"]].dtype == jnp.int32
+    assert not new[tree["n"]].weak_type
+    assert int(new[tree["n"]]) == 5
+
+
+def test_scalar_into_float32_scalar_state():
+    tree, state = lift.export_state({"t": lift.StateEntry(jnp.zeros((), jnp.float32))})
+    _, new = lift.stateful(lambda: lift.set(tree["t"], 2.0))(state)
+    assert isinstance(new[tree["t"]], jax.Array), type(new[tree["t"]])
+    assert new[tree["t"]].dtype == jnp.float32
+    assert not new[tree["t"]].weak_type
+    assert float(new[tree["t"]]) == 2.0
+
+
+def test_get_with_state_entry_says_export():
+    entry = lift.StateEntry(jnp.zeros(()))
+    with pytest.raises(TypeError, match="export") as info:
+        lift.stateful(lambda: lift.get(entry))({})
+    assert isinstance(info.value, lift.LiftError)
+
+
+def test_set_with_state_entry_says_export():
+    entry = lift.StateEntry(jnp.zeros(()))
+    with pytest.raises(TypeError, match="export"):
+        lift.stateful(lambda: lift.set(entry, 1.0))({})
+
+
+def test_get_with_a_non_key_is_a_type_error(model):
+    _, state = model
+    with pytest.raises(TypeError, match="StateKey"):
+        lift.stateful(lambda: lift.get(3))(state)
+
+
+def test_plain_str_path_works_for_get(model):
+    tree, state = model
+    path = str(tree["ema"])
+    assert type(path) is str
+    out, _ = lift.stateful(lambda: lift.get(path))(state)
+    assert out is state[tree["ema"]]
+
+
+def test_plain_str_path_works_for_set(model):
+    tree, state = model
+    _, new = lift.stateful(lambda: lift.set("['n']", jnp.asarray(4, jnp.int32)))(state)
+    assert int(new[tree["n"]]) == 4
+
+
+# --------------------------------------------------------------------- nesting
+
+
+def test_nested_stateful_frames_are_independent():
+    outer_tree, outer_state = lift.export_state(
+        {"n": lift.StateEntry(jnp.asarray(10, jnp.int32))}, prefix="outer"
+    )
+    inner_tree, inner_state = make_counter(100)
+
+    def inner():
+        # only the inner frame is visible here
+        with pytest.raises(KeyError):
+            lift.get(outer_tree["n"])
+        return tick(inner_tree, 5)
+
+    def outer():
+        old = tick(outer_tree)
+        inner_old, inner_new = lift.stateful(inner)(inner_state)
+        # the outer frame is back after the inner call
+        after = lift.get(outer_tree["n"])
+        return old, inner_old, inner_new, after
+
+    (old, inner_old, inner_new, after), new = lift.stateful(outer)(outer_state)
+    assert int(old) == 10
+    assert int(after) == 11
+    assert int(inner_old) == 100
+    assert int(inner_new[inner_tree["n"]]) == 105
+    assert int(new[outer_tree["n"]]) == 11
+    assert int(inner_state[inner_tree["n"]]) == 100
+
+
+def test_nested_frame_with_the_same_keys_does_not_leak_writes():
+    tree, state = make_counter(0)
+
+    def outer():
+        tick(tree, 1)
+        _, inner_new = lift.stateful(lambda: tick(tree, 100))(state)
+        return inner_new
+
+    inner_new, new = lift.stateful(outer)(state)
+    assert int(inner_new[tree["n"]]) == 100  # inner started from `state`, not outer's
+    assert int(new[tree["n"]]) == 1
+
+
+# ----------------------------------------------------------------------- lower
+
+
+def test_lower_reads_and_writes_the_frame():
+    tree, state = make_counter(3)
+
+    def pure(s, x):
+        n = s[tree["n"]]
+        return n * x, {**s, tree["n"]: n + 2}
+
+    def step(x):
+        a = lift.lower(pure)(x)
+        b = lift.lower(pure)(x)
+        return a, b, lift.get(tree["n"])
+
+    (a, b, n), new = lift.stateful(step)(state, 10)
+    assert int(a) == 30
+    assert int(b) == 50
+    assert int(n) == 7
+    assert int(new[tree["n"]]) == 7
+
+
+def test_lower_of_stateful_behaves_like_f(model):
+    tree, state = model
+
+    def f(x):
+        lift.set(tree["ema"], lift.get(tree["ema"]) + x)
+        return tick(tree)
+
+    direct = lift.stateful(lambda x: (f(x), f(2 * x)))(state, jnp.ones(3))
+    lowered_f = lift.lower(lift.stateful(f))
+    via_lower = lift.stateful(lambda x: (lowered_f(x), lowered_f(2 * x)))(
+        state, jnp.ones(3)
+    )
+    jax.tree_util.tree_map(np.testing.assert_array_equal, via_lower, direct)
+    assert int(via_lower[1][tree["n"]]) == 2
+    np.testing.assert_array_equal(via_lower[1][tree["ema"]], jnp.full(3, 3.0))
+
+
+def test_lower_of_immutable_stateful_stays_read_only():
+    tree, state = make_counter()
+    lowered = lift.lower(lift.stateful(lambda: tick(tree), mutable=False))
+    with pytest.raises(lift.FrameError):
+        lift.stateful(lowered)(state)
+
+
+def test_lower_returning_an_unknown_key_raises_key_error():
+    _tree, state = make_counter()
+
+    def pure(s):
+        return None, {**s, lift.StateKey("['new']"): jnp.zeros(())}
+
+    with pytest.raises(KeyError, match="new") as info:
+        lift.stateful(lift.lower(pure))(state)
+    assert isinstance(info.value, lift.LiftError)
+
+
+def test_lower_checks_the_values_it_writes():
+    tree, state = make_counter()
+
+    def pure(s):
+        return None, {tree["n"]: jnp.zeros(2, jnp.int32)}
+
+    with pytest.raises(ValueError, match=r"\['n'\]"):
+        lift.stateful(lift.lower(pure))(state)
+
+
+def test_lower_needs_an_out_state_pair():
+    _tree, state = make_counter()
+    with pytest.raises(ValueError, match=r"\(out, state\)"):
+        lift.stateful(lift.lower(lambda s: s))(state)
+
+
+def test_lower_outside_a_frame_raises():
+    lowered = lift.lower(lambda s: (1, s))
+    with pytest.raises(lift.FrameError, match="outside a frame"):
+        lowered()
+
+
+# ----------------------------------------------------------------------- leaks
+
+
+def test_escaped_tracer_from_finished_vmap_raises_trace_error():
+    tree, state = make_counter()
+    leaked = []
+
+    def grab(x):
+        leaked.append(x)
+        return x
+
+    def step():
+        jax.vmap(grab)(jnp.arange(3, dtype=jnp.int32))
+        lift.set(tree["n"], leaked[0])
+
+    with pytest.raises(lift.TraceError) as info:
+        lift.stateful(step)(state)
+    assert isinstance(info.value, lift.LiftError)
+    assert "['n']" in str(info.value)
+
+
+def test_escaped_tracer_from_finished_jit_raises_trace_error():
+    tree, state = make_counter()
+    leaked = []
+
+    @jax.jit
+    def grab(x):
+        leaked.append(x + 1)
+        return x
+
+    def step():
+        grab(jnp.zeros((), jnp.int32))
+        lift.set(tree["n"], leaked[0])
+
+    with pytest.raises(lift.TraceError, match=r"\['n'\]"):
+        lift.stateful(step)(state)
