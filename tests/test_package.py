@@ -1,0 +1,114 @@
+"""The package as a whole: import cost, public names, metadata, test setup."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import pytest
+from hypothesis import settings
+
+import lift
+
+ROOT = Path(__file__).resolve().parents[1]
+OPTIONAL = ("equinox", "inox", "flax", "haiku", "orbax")
+
+
+def _fresh(code: str) -> str:
+    """Run ``code`` in a new interpreter (no conftest, no plugins) and return stdout."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST")}
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        check=False,
+        cwd=ROOT,
+        env=env,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+def test_import_lift_imports_no_optional_framework():
+    code = (
+        "import json, sys\n"
+        "import lift\n"
+        f"print(json.dumps(sorted(m for m in sys.modules "
+        f"if m.split('.')[0] in {OPTIONAL!r})))\n"
+    )
+    assert json.loads(_fresh(code)) == []
+
+
+def test_the_subprocess_check_would_see_an_import():
+    # Guards the test above against passing vacuously: the same probe sees
+    # `equinox` once something imports it (skipped only if it is not installed).
+    pytest.importorskip("equinox")
+    code = (
+        "import json, sys\n"
+        "import lift, equinox\n"
+        f"print(json.dumps(sorted(m for m in sys.modules "
+        f"if m.split('.')[0] in {OPTIONAL!r})))\n"
+    )
+    assert "equinox" in json.loads(_fresh(code))
+
+
+def test_all_names_exist_and_are_unique():
+    assert len(lift.__all__) == len(set(lift.__all__))
+    missing = [name for name in lift.__all__ if not hasattr(lift, name)]
+    assert missing == []
+
+
+def test_public_names_have_docstrings_with_examples():
+    undocumented = [
+        name
+        for name in lift.__all__
+        if ">>>" not in (getattr(lift, name).__doc__ or "")
+    ]
+    assert undocumented == []
+
+
+def test_py_typed_marker_is_shipped():
+    assert (Path(lift.__file__).parent / "py.typed").is_file()
+
+
+def test_version_matches_pyproject():
+    meta = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    assert lift.__version__ == meta["project"]["version"]
+
+
+def test_installed_metadata_matches_pyproject():
+    from importlib.metadata import version
+
+    meta = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    assert version("lift") == meta["project"]["version"]
+
+
+# ----------------------------------------------------- the setup in conftest.py
+
+
+def test_eight_host_devices():
+    assert jax.device_count() == 8
+    assert {d.platform for d in jax.devices()} == {"cpu"}
+
+
+def test_strict_dtype_promotion_is_on():
+    with pytest.raises(jax.dtypes.TypePromotionError, match="strict"):
+        jnp.ones(2, jnp.int32) + jnp.ones(2, jnp.float32)
+
+
+def test_rank_promotion_raises():
+    with pytest.raises(ValueError, match="rank"):
+        jnp.ones((2, 3)) + jnp.ones(3)
+
+
+def test_hypothesis_profile_follows_env():
+    expected = {"dev": 20, "ci": 100}[os.environ.get("HYPOTHESIS_PROFILE", "dev")]
+    assert settings().max_examples == expected
+    assert settings().deadline is None
