@@ -1,0 +1,841 @@
+"""Lifted transforms: each threads a frame's state, and works at top level."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from helpers import TraceCounter, make_counter, tick
+from jax import lax
+
+import lift
+
+W = np.array([0.5, -1.0, 2.0], np.float32)
+
+
+@pytest.fixture
+def model():
+    """Parameters ``w``, a float ``acc`` vector and an int32 counter ``n``."""
+    return lift.export_state(
+        {
+            "w": jnp.asarray(W),
+            "acc": lift.StateEntry(jnp.zeros(3, jnp.float32)),
+            "n": lift.StateEntry(jnp.zeros((), jnp.int32)),
+        }
+    )
+
+
+def accumulate(tree, x):
+    """Add ``w * x`` to ``acc``, tick ``n``; return the sum of the new ``acc``."""
+    acc = lift.get(tree["acc"]) + tree["w"] * x
+    lift.set(tree["acc"], acc)
+    tick(tree)
+    return jnp.sum(acc)
+
+
+def assert_close(a, b):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-6)
+
+
+# ------------------------------------------------------------------------- jit
+
+
+def test_jit_inside_frame_threads_state(model):
+    tree, state = model
+    step = lift.jit(lambda x: accumulate(tree, x))
+
+    def two_steps(x):
+        return step(x), step(2 * x)
+
+    x = np.array([1.0, 2.0, 3.0], np.float32)
+    (a, b), new = lift.stateful(two_steps)(state, x)
+    assert_close(a, np.sum(W * x))
+    assert_close(b, np.sum(3 * W * x))
+    assert_close(new[tree["acc"]], 3 * W * x)
+    assert int(new[tree["n"]]) == 2
+    assert int(state[tree["n"]]) == 0
+
+
+def test_jit_at_top_level(model):
+    tree, state = model
+    step = lift.jit(lift.stateful(lambda x: accumulate(tree, x)))
+    x = jnp.ones(3)
+    out, s1 = step(state, x)
+    out2, s2 = step(s1, x)
+    assert_close(out, np.sum(W))
+    assert_close(out2, np.sum(2 * W))
+    assert_close(s2[tree["acc"]], 2 * W)
+    assert int(s2[tree["n"]]) == 2
+    assert set(s2) == set(state)
+
+
+def test_jit_of_pure_function_at_top_level_is_jax_jit():
+    f = lift.jit(lambda x, y: x * y + 1)
+    assert_close(f(jnp.arange(3.0), 2.0), np.arange(3.0) * 2 + 1)
+
+
+def _static_step(tree, fn, mode, k, x):
+    for _ in range(k):  # k must be a Python int here
+        x = fn(x)
+    if mode == "double":  # a str compared in Python
+        x = 2 * x
+    lift.set(tree["acc"], lift.get(tree["acc"]) + x)
+    tick(tree, k)
+    return x
+
+
+def test_jit_non_array_leaves_are_static(model):
+    tree, state = model
+
+    def g(fn, mode, k, x):
+        assert isinstance(k, int)
+        assert isinstance(mode, str)
+        return _static_step(tree, fn, mode, k, x)
+
+    f = lift.jit(lift.stateful(g))
+    x = jnp.ones(3)
+    out, new = f(state, jnp.sin, "double", 3, x)
+    expected = 2 * np.sin(np.sin(np.sin(np.ones(3, np.float32))))
+    assert_close(out, expected)
+    assert_close(new[tree["acc"]], expected)
+    assert int(new[tree["n"]]) == 3
+    out, new = f(state, jnp.cos, "plain", 2, x)
+    assert_close(out, np.cos(np.cos(np.ones(3, np.float32))))
+    assert int(new[tree["n"]]) == 2
+
+
+def test_jit_non_array_leaves_are_static_inside_frame(model):
+    tree, state = model
+    f = lift.jit(lambda fn, mode, k, x: _static_step(tree, fn, mode, k, x))
+
+    def outer(x):
+        return f(jnp.exp, "double", 1, x) + f(jnp.exp, "plain", 2, x)
+
+    out, new = lift.stateful(outer)(state, jnp.zeros(3))
+    assert_close(out, 2 * np.ones(3) + np.exp(1.0) * np.ones(3))
+    assert int(new[tree["n"]]) == 3
+
+
+def test_jit_caches_and_retraces_on_static_change(model):
+    tree, state = model
+    traces = TraceCounter()
+
+    def g(mode, k, x):
+        traces()
+        return _static_step(tree, jnp.negative, mode, k, x)
+
+    f = lift.jit(lift.stateful(g))
+    x = jnp.ones(3)
+    _, s1 = f(state, "plain", 1, x)
+    assert traces.count == 1
+    _, s2 = f(s1, "plain", 1, x + 1)  # same structure, new values
+    assert traces.count == 1
+    assert_close(s2[tree["acc"]], -np.ones(3) - 2 * np.ones(3))
+    f(s2, "double", 1, x)  # a changed static str
+    assert traces.count == 2
+    f(s2, "double", 2, x)  # a changed static int
+    assert traces.count == 3
+    f(s2, "double", 2, x)
+    f(state, "plain", 1, x)
+    assert traces.count == 3
+
+
+def test_jit_caches_inside_frame(model):
+    tree, state = model
+    traces = TraceCounter()
+
+    def body(x):
+        traces()
+        return accumulate(tree, x)
+
+    f = lift.jit(body)
+    run = lift.stateful(lambda x: f(x))
+    _, s1 = run(state, jnp.ones(3))
+    _, s2 = run(s1, jnp.ones(3))
+    _, _ = run(s2, 2 * jnp.ones(3))
+    assert traces.count == 1
+    assert int(s2[tree["n"]]) == 2
+
+
+def test_jit_refuses_static_argnums():
+    with pytest.raises(TypeError, match="static"):
+        lift.jit(lambda x: x, static_argnums=0)
+
+
+def test_jit_donate_state_top_level_reuse_raises(model):
+    tree, state = model
+    f = lift.jit(lift.stateful(lambda x: accumulate(tree, x)), donate_state=True)
+    _, new = f(state, jnp.ones(3))
+    assert_close(new[tree["acc"]], W)
+    _, newer = f(new, jnp.ones(3))  # the returned state is fine
+    assert_close(newer[tree["acc"]], 2 * W)
+    with pytest.raises(lift.LiftError, match="donat"):
+        f(state, jnp.ones(3))
+
+
+def test_jit_donate_state_inside_frame_reuse_raises(model):
+    tree, state = model
+    f = lift.jit(lambda x: accumulate(tree, x), donate_state=True)
+    run = lift.stateful(lambda x: f(x))
+    _, new = run(state, jnp.ones(3))
+    assert_close(new[tree["acc"]], W)
+    with pytest.raises(lift.LiftError, match="donat"):
+        run(state, jnp.ones(3))
+
+
+# ------------------------------------------------------------------------ vmap
+
+
+def test_vmap_shared_state_batched_write_raises(model):
+    tree, state = model
+
+    def per_example(x):
+        lift.set(tree["acc"], lift.get(tree["acc"]) + x)
+
+    with pytest.raises(lift.LiftError) as info:
+        lift.stateful(lift.vmap(per_example))(state, jnp.ones((4, 3)))
+    assert isinstance(info.value, ValueError)
+    msg = str(info.value)
+    assert "['acc']" in msg
+    assert "axis_name" in msg
+    assert "pmean" in msg
+
+
+@pytest.mark.parametrize("batch", [1, 4])
+def test_vmap_shared_state_with_pmean(model, batch):
+    tree, state = model
+    xs = np.arange(batch * 3, dtype=np.float32).reshape(batch, 3)
+
+    def per_example(x):
+        old = lift.get(tree["acc"])
+        lift.set(tree["acc"], old + lax.pmean(x, "b"))
+        tick(tree)  # unbatched write to shared state is fine
+        return x * tree["w"] + old
+
+    out, new = lift.stateful(lift.vmap(per_example, axis_name="b"))(state, xs)
+    assert out.shape == (batch, 3)
+    assert_close(out, xs * W)
+    assert_close(new[tree["acc"]], xs.mean(0))
+    assert new[tree["acc"]].shape == (3,)
+    assert int(new[tree["n"]]) == 1
+
+
+@pytest.mark.parametrize("batch", [1, 4])
+def test_vmap_state_axes_int_maps_every_key(batch):
+    tree, state = lift.export_state(
+        {
+            "acc": lift.StateEntry(jnp.zeros((batch, 3), jnp.float32)),
+            "n": lift.StateEntry(jnp.arange(batch, dtype=jnp.int32)),
+        }
+    )
+    xs = np.arange(batch * 3, dtype=np.float32).reshape(batch, 3)
+
+    def per_example(x):
+        lift.set(tree["acc"], lift.get(tree["acc"]) + x)
+        return tick(tree, 10)
+
+    out, new = lift.stateful(lift.vmap(per_example, state_axes=0))(state, xs)
+    np.testing.assert_array_equal(out, np.arange(batch))
+    np.testing.assert_array_equal(new[tree["n"]], np.arange(batch) + 10)
+    assert_close(new[tree["acc"]], xs)
+
+
+def test_vmap_state_axes_glob_maps_only_matching_keys():
+    batch = 3
+    tree, state = lift.export_state(
+        {
+            "cnt": lift.StateEntry(jnp.zeros(batch, jnp.int32)),
+            "total": lift.StateEntry(jnp.zeros((), jnp.float32)),
+        }
+    )
+    xs = np.array([1.0, -2.0, 5.0], np.float32)
+
+    def per_example(x):
+        lift.set(tree["cnt"], lift.get(tree["cnt"]) + (x > 0).astype(jnp.int32))
+        lift.set(tree["total"], lift.get(tree["total"]) + lax.psum(x, "b"))
+        return x
+
+    f = lift.vmap(per_example, state_axes={"*.cnt": 0}, axis_name="b")
+    _, new = lift.stateful(f)(state, xs)
+    np.testing.assert_array_equal(new[tree["cnt"]], [1, 0, 1])
+    assert float(new[tree["total"]]) == pytest.approx(4.0)
+    _, new = lift.stateful(f)(new, xs)
+    np.testing.assert_array_equal(new[tree["cnt"]], [2, 0, 2])
+    assert float(new[tree["total"]]) == pytest.approx(8.0)
+
+
+def test_vmap_state_axes_without_the_axis_raises(model):
+    tree, state = model
+    with pytest.raises(lift.LiftError, match=r"\['n'\]"):
+        lift.stateful(lift.vmap(lambda x: tick(tree), state_axes=0))(state, jnp.ones(2))
+
+
+def _make_member(key):
+    return {
+        "w": jax.random.normal(key, (3,)),
+        "cnt": lift.StateEntry(jnp.zeros((), jnp.int32)),
+        "sum": lift.StateEntry(jnp.zeros(3, jnp.float32)),
+    }
+
+
+def _member_step(member, x):
+    lift.set(member["cnt"], lift.get(member["cnt"]) + 1)
+    lift.set(member["sum"], lift.get(member["sum"]) + member["w"] * x)
+    return jnp.sum(member["w"] * x)
+
+
+@pytest.mark.parametrize("size", [1, 4])
+def test_vmap_ensemble_maps_its_state_without_naming_axes(size):
+    keys = jax.random.split(jax.random.key(0), size)
+    ensemble = lift.vmap(_make_member)(keys)
+    tree, state = lift.export_state(ensemble)
+    assert state[tree["cnt"]].shape == (size,)
+    assert state[tree["sum"]].shape == (size, 3)
+    w = np.stack([np.asarray(jax.random.normal(k, (3,))) for k in keys])
+    assert_close(tree["w"], w)
+
+    step = lift.stateful(lift.vmap(_member_step, in_axes=(0, None)))
+    out, s1 = step(state, tree, jnp.float32(2.0))
+    out2, s2 = step(s1, tree, jnp.float32(-1.0))
+    assert_close(out, (w * 2).sum(1))
+    assert_close(out2, -w.sum(1))
+    np.testing.assert_array_equal(s2[tree["cnt"]], np.full(size, 2))
+    assert_close(s2[tree["sum"]], w)
+
+
+def test_vmap_at_top_level():
+    tree, state = make_counter()
+
+    def step(x):
+        return tick(tree, x)
+
+    out, new = lift.vmap(lift.stateful(step), in_axes=(None, 0))(
+        state, jnp.arange(4, dtype=jnp.int32)
+    )
+    np.testing.assert_array_equal(out, np.zeros(4))
+    np.testing.assert_array_equal(new[tree["n"]], np.arange(4))
+
+
+# ------------------------------------------------------------------------ scan
+
+
+def test_scan_carries_state(model):
+    tree, state = model
+    xs = np.arange(12, dtype=np.float32).reshape(4, 3)
+
+    def body(c, x):
+        s = accumulate(tree, x)
+        return c + s, lift.get(tree["n"])
+
+    (c, ys), new = lift.stateful(lambda xs: lift.scan(body, 0.0, xs))(state, xs)
+    acc = np.cumsum(W * xs, axis=0)
+    assert_close(c, acc.sum(1).sum())
+    np.testing.assert_array_equal(ys, [1, 2, 3, 4])
+    assert_close(new[tree["acc"]], acc[-1])
+    assert int(new[tree["n"]]) == 4
+
+
+def test_scan_keeps_state_the_body_only_reads(model):
+    tree, state = model
+    start = jnp.array([1.0, 2.0, 3.0])
+
+    def body(c, x):
+        return c + jnp.sum(lift.get(tree["acc"])) * x, None
+
+    def run(xs):
+        lift.set(tree["acc"], start)  # written before the scan, only read inside
+        return lift.scan(body, 0.0, xs)
+
+    (c, _), new = lift.stateful(run)(state, jnp.arange(3.0))
+    assert_close(c, 6.0 * 3.0)
+    assert set(new) == set(state)
+    assert_close(new[tree["acc"]], start)
+    assert int(new[tree["n"]]) == 0
+
+
+def test_scan_over_layers_restacks_state():
+    layers = 4
+    tree, state = lift.export_state(
+        {
+            "layer_stats": lift.StateEntry(jnp.zeros((layers, 3), jnp.float32)),
+            "steps": lift.StateEntry(jnp.zeros((), jnp.int32)),
+        }
+    )
+    scales = np.arange(1, layers + 1, dtype=np.float32)
+
+    def layer(h, scale):
+        lift.set(tree["layer_stats"], lift.get(tree["layer_stats"]) + h)
+        tick({"n": tree["steps"]})
+        return h * scale, jnp.sum(h)
+
+    def run(h):
+        return lift.scan(layer, h, scales, state_axes={"*layer_stats": 0})
+
+    h0 = jnp.array([1.0, 2.0, 3.0])
+    (h, sums), new = lift.stateful(run)(state, h0)
+    inputs = np.stack([np.asarray(h0) * np.prod(scales[:i]) for i in range(layers)])
+    assert_close(h, inputs[-1] * scales[-1])
+    assert_close(sums, inputs.sum(1))
+    assert new[tree["layer_stats"]].shape == (layers, 3)
+    assert_close(new[tree["layer_stats"]], inputs)
+    assert int(new[tree["steps"]]) == layers  # carried, not stacked
+    # a second pass adds to each layer's own slice
+    _, newer = lift.stateful(run)(new, h0)
+    assert_close(newer[tree["layer_stats"]], 2 * inputs)
+
+
+def test_scan_reverse(model):
+    tree, state = model
+    xs = np.array([1.0, 10.0, 100.0], np.float32)
+
+    def body(c, x):
+        old = tick(tree)
+        return c * 2 + x, old
+
+    (c, ys), new = lift.stateful(lambda xs: lift.scan(body, 0.0, xs, reverse=True))(
+        state, xs
+    )
+    assert_close(c, ((0 * 2 + 100) * 2 + 10) * 2 + 1)
+    np.testing.assert_array_equal(ys, [2, 1, 0])  # ys[t] pairs with xs[t]
+    assert int(new[tree["n"]]) == 3
+
+
+def test_scan_length_without_xs(model):
+    tree, state = model
+
+    def body(c, x):
+        assert x is None
+        lift.set(tree["acc"], lift.get(tree["acc"]) + c)
+        return c + 1.0, c
+
+    (c, ys), new = lift.stateful(lambda: lift.scan(body, 1.0, None, length=5))(state)
+    assert_close(c, 6.0)
+    assert_close(ys, [1.0, 2.0, 3.0, 4.0, 5.0])
+    assert_close(new[tree["acc"]], np.full(3, 15.0))
+
+
+@pytest.mark.parametrize("unroll", [1, 2, True])
+def test_scan_unroll(model, unroll):
+    tree, state = model
+    xs = np.arange(15, dtype=np.float32).reshape(5, 3)
+
+    def body(c, x):
+        return c + accumulate(tree, x), None
+
+    run = lift.stateful(lambda xs: lift.scan(body, 0.0, xs, unroll=unroll))
+    (c, _), new = run(state, xs)
+    acc = np.cumsum(W * xs, axis=0)
+    assert_close(c, acc.sum())
+    assert_close(new[tree["acc"]], acc[-1])
+    assert int(new[tree["n"]]) == 5
+
+
+def test_scan_at_top_level():
+    def body(c, x):
+        return c + x, c * x
+
+    c, ys = lift.scan(body, 0.0, jnp.arange(4.0))
+    c_ref, ys_ref = lax.scan(body, 0.0, jnp.arange(4.0))
+    assert_close(c, c_ref)
+    assert_close(ys, ys_ref)
+
+
+def test_scan_under_jit(model):
+    tree, state = model
+    xs = np.ones((3, 3), np.float32)
+
+    def run(xs):
+        return lift.scan(lambda c, x: (c + accumulate(tree, x), None), 0.0, xs)[0]
+
+    c, new = lift.jit(lift.stateful(run))(state, xs)
+    assert_close(c, W.sum() * (1 + 2 + 3))
+    assert int(new[tree["n"]]) == 3
+
+
+# ------------------------------------------------------------------------ grad
+
+
+def _loss(tree, w, x):
+    pred = w * x
+    lift.set(tree["acc"], pred)
+    tick(tree)
+    return jnp.sum(pred**2) + jnp.sum(lift.get(tree["acc"]))
+
+
+def _loss_ref(w, x):
+    pred = w * x
+    return jnp.sum(pred**2) + jnp.sum(pred)
+
+
+def test_grad_inside_frame_returns_updated_state(model):
+    tree, state = model
+    x = jnp.array([1.0, 2.0, 3.0])
+    g, new = lift.stateful(lift.grad(lambda w, x: _loss(tree, w, x)))(state, W, x)
+    assert_close(g, jax.grad(_loss_ref)(jnp.asarray(W), x))
+    assert_close(new[tree["acc"]], W * np.asarray(x))
+    assert int(new[tree["n"]]) == 1
+
+
+def test_grad_argnums(model):
+    tree, state = model
+    x = jnp.array([1.0, 2.0, 3.0])
+    f = lift.grad(lambda w, x: _loss(tree, w, x), argnums=(0, 1))
+    (gw, gx), new = lift.stateful(f)(state, W, x)
+    ref_w, ref_x = jax.grad(_loss_ref, argnums=(0, 1))(jnp.asarray(W), x)
+    assert_close(gw, ref_w)
+    assert_close(gx, ref_x)
+    assert int(new[tree["n"]]) == 1
+
+
+def test_value_and_grad_inside_frame(model):
+    tree, state = model
+    x = jnp.array([1.0, -2.0, 0.5])
+    f = lift.value_and_grad(lambda w: _loss(tree, w, x))
+    (value, g), new = lift.stateful(f)(state, jnp.asarray(W))
+    ref_value, ref_g = jax.value_and_grad(_loss_ref)(jnp.asarray(W), x)
+    assert_close(value, ref_value)
+    assert_close(g, ref_g)
+    assert int(new[tree["n"]]) == 1
+
+
+def test_grad_has_aux(model):
+    tree, state = model
+    x = jnp.array([1.0, 2.0, 3.0])
+
+    def loss(w):
+        return _loss(tree, w, x), {"pred": w * x}
+
+    (g, aux), new = lift.stateful(lift.grad(loss, has_aux=True))(state, W)
+    assert_close(g, jax.grad(_loss_ref)(jnp.asarray(W), x))
+    assert_close(aux["pred"], W * np.asarray(x))
+    (v, aux2), g2 = lift.stateful(lift.value_and_grad(loss, has_aux=True))(state, W)[0]
+    assert_close(v, _loss_ref(jnp.asarray(W), x))
+    assert_close(aux2["pred"], aux["pred"])
+    assert_close(g2, g)
+    assert int(new[tree["n"]]) == 1
+
+
+def test_grad_with_respect_to_state_dict_is_a_type_error(model):
+    tree, state = model
+    with pytest.raises(TypeError, match="state") as info:
+        lift.grad(lift.stateful(lambda x: _loss(tree, tree["w"], x)))(state, W)
+    assert isinstance(info.value, lift.LiftError)
+
+
+def test_grad_with_respect_to_tree_with_entries_is_a_type_error():
+    tree = {"w": jnp.ones(2), "s": lift.StateEntry(jnp.zeros(2))}
+    with pytest.raises(TypeError, match="StateEntry"):
+        lift.grad(lambda t: jnp.sum(t["w"]))(tree)
+
+
+def test_grad_at_top_level_is_jax_grad():
+    x = jnp.array([1.0, 2.0, 3.0])
+    assert_close(lift.grad(_loss_ref)(jnp.asarray(W), x), jax.grad(_loss_ref)(W, x))
+
+
+def test_grad_state_is_not_differentiated(model):
+    tree, state = model
+
+    def loss(w):
+        # state read into the loss is a constant for the gradient
+        return jnp.sum(w * lift.get(tree["acc"])) + jnp.sum(w**2)
+
+    state = {**state, tree["acc"]: jnp.array([1.0, 2.0, 3.0])}
+    g, _ = lift.stateful(lift.grad(loss))(state, jnp.ones(3))
+    assert_close(g, np.array([1.0, 2.0, 3.0]) + 2.0)
+
+
+# ------------------------------------------------------------------ checkpoint
+
+
+@pytest.mark.parametrize("remat", [lift.checkpoint, lift.remat])
+def test_checkpoint_under_grad_matches_plain(model, remat):
+    tree, state = model
+    x = jnp.array([0.3, -1.0, 2.0])
+
+    def inner(w):
+        return jnp.sin(_loss(tree, w, x))
+
+    def plain(w):
+        return lift.stateful(inner)(state, w)
+
+    def remated(w):
+        return lift.stateful(remat(inner))(state, w)
+
+    g_ref, s_ref = jax.grad(plain, has_aux=True)(jnp.asarray(W))
+    g, s = jax.grad(remated, has_aux=True)(jnp.asarray(W))
+    assert_close(g, g_ref)
+    assert_close(s[tree["acc"]], s_ref[tree["acc"]])
+    assert int(s[tree["n"]]) == 1
+    # lifted grad over a checkpointed body, inside the frame
+    g2, s2 = lift.stateful(lift.grad(remat(inner)))(state, jnp.asarray(W))
+    assert_close(g2, g_ref)
+    assert int(s2[tree["n"]]) == 1
+
+
+def test_checkpoint_at_top_level():
+    f = lift.checkpoint(lambda x: jnp.sin(x) * x)
+    assert_close(jax.grad(f)(1.5), jax.grad(lambda x: jnp.sin(x) * x)(1.5))
+
+
+# ------------------------------------------------------------------------ cond
+
+
+def _branches(tree):
+    def yes(x):
+        lift.set(tree["acc"], lift.get(tree["acc"]) + x)
+        tick(tree)
+        return x * 2
+
+    def no(x):
+        tick(tree, 100)
+        return -x
+
+    return yes, no
+
+
+@pytest.mark.parametrize("jitted", [False, True])
+@pytest.mark.parametrize("pred", [True, False])
+def test_cond_branch_not_taken_never_writes(model, jitted, pred):
+    tree, state = model
+    yes, no = _branches(tree)
+
+    def run(p, x):
+        return lift.cond(p, yes, no, x)
+
+    f = lift.stateful(run)
+    if jitted:
+        f = lift.jit(f)
+    x = jnp.array([1.0, 2.0, 3.0])
+    out, new = f(state, jnp.asarray(pred), x)
+    if pred:
+        assert_close(out, 2 * x)
+        assert_close(new[tree["acc"]], x)
+        assert int(new[tree["n"]]) == 1
+    else:
+        assert_close(out, -x)
+        assert_close(new[tree["acc"]], np.zeros(3))
+        assert int(new[tree["n"]]) == 100
+
+
+def test_cond_with_python_bool(model):
+    tree, state = model
+    yes, no = _branches(tree)
+    _, new = lift.stateful(lambda x: lift.cond(False, yes, no, x))(state, jnp.ones(3))
+    assert_close(new[tree["acc"]], np.zeros(3))
+    assert int(new[tree["n"]]) == 100
+
+
+def test_cond_at_top_level():
+    assert float(lift.cond(True, lambda x: x + 1, lambda x: x - 1, 1.0)) == 2.0
+    assert float(lift.cond(False, lambda x: x + 1, lambda x: x - 1, 1.0)) == 0.0
+
+
+@pytest.mark.parametrize("jitted", [False, True])
+@pytest.mark.parametrize("index", [0, 1, 2])
+def test_switch_three_branches(model, jitted, index):
+    tree, state = model
+
+    def branch(i):
+        def run(x):
+            lift.set(tree["acc"], lift.get(tree["acc"]) + (i + 1) * x)
+            tick(tree, 10**i)
+            return x * i
+
+        return run
+
+    f = lift.stateful(lambda i, x: lift.switch(i, [branch(0), branch(1), branch(2)], x))
+    if jitted:
+        f = lift.jit(f)
+    x = jnp.array([1.0, 2.0, 3.0])
+    out, new = f(state, jnp.asarray(index), x)
+    assert_close(out, index * x)
+    assert_close(new[tree["acc"]], (index + 1) * x)
+    assert int(new[tree["n"]]) == 10**index
+
+
+def test_switch_at_top_level():
+    fs = [lambda x: x, lambda x: x * 10, lambda x: x * 100]
+    assert float(lift.switch(2, fs, 1.5)) == 150.0
+
+
+# ----------------------------------------------------------------- loops
+
+
+@pytest.mark.parametrize("jitted", [False, True])
+def test_while_loop_cond_reads_state(model, jitted):
+    tree, state = model
+
+    def body(i):
+        tick(tree, 2)
+        lift.set(tree["acc"], lift.get(tree["acc"]) + i)
+        return i + 1.0
+
+    def run(limit):
+        return lift.while_loop(lambda i: lift.get(tree["n"]) < limit, body, 0.0)
+
+    f = lift.stateful(run)
+    if jitted:
+        f = lift.jit(f)
+    i, new = f(state, jnp.int32(5))
+    assert float(i) == 3.0  # n: 0 -> 2 -> 4 -> 6
+    assert int(new[tree["n"]]) == 6
+    assert_close(new[tree["acc"]], np.full(3, 0.0 + 1.0 + 2.0))
+
+
+def test_while_loop_cond_cannot_write(model):
+    tree, state = model
+
+    def cond(i):
+        tick(tree)
+        return i < 3
+
+    with pytest.raises(lift.FrameError):
+        lift.stateful(lambda: lift.while_loop(cond, lambda i: i + 1, 0))(state)
+
+
+def test_while_loop_at_top_level():
+    assert int(lift.while_loop(lambda i: i < 7, lambda i: i + 2, 0)) == 8
+
+
+@pytest.mark.parametrize("jitted", [False, True])
+def test_fori_loop_threads_state(model, jitted):
+    tree, state = model
+
+    def body(i, total):
+        lift.set(tree["acc"], lift.get(tree["acc"]) + i.astype(jnp.float32))
+        tick(tree)
+        return total * 2 + i
+
+    f = lift.stateful(lambda: lift.fori_loop(1, 5, body, jnp.int32(0)))
+    if jitted:
+        f = lift.jit(f)
+    total, new = f(state)
+    assert int(total) == (((0 * 2 + 1) * 2 + 2) * 2 + 3) * 2 + 4
+    assert_close(new[tree["acc"]], np.full(3, 1.0 + 2.0 + 3.0 + 4.0))
+    assert int(new[tree["n"]]) == 4
+
+
+def test_fori_loop_at_top_level():
+    assert int(lift.fori_loop(0, 5, lambda i, c: c + i, 0)) == 10
+
+
+# ------------------------------------------------------------------ eval_shape
+
+
+def test_eval_shape_inside_frame_does_not_write(model):
+    tree, state = model
+
+    def f(x):
+        acc = accumulate(tree, x)
+        return jnp.outer(x, x), acc
+
+    def run(x):
+        shapes = lift.eval_shape(f, x)
+        return shapes, lift.get(tree["n"])
+
+    (shapes, n), new = lift.stateful(run)(state, jnp.ones(3))
+    assert shapes[0] == jax.ShapeDtypeStruct((3, 3), jnp.float32)
+    assert shapes[1].shape == ()
+    assert int(n) == 0
+    assert int(new[tree["n"]]) == 0
+    assert_close(new[tree["acc"]], np.zeros(3))
+
+
+def test_eval_shape_at_top_level(model):
+    tree, state = model
+    shapes = lift.eval_shape(lift.stateful(lambda x: accumulate(tree, x)), state, W)
+    out, new = shapes
+    assert out == jax.ShapeDtypeStruct((), jnp.float32)
+    assert new[tree["acc"]] == jax.ShapeDtypeStruct((3,), jnp.float32)
+    assert new[tree["n"]] == jax.ShapeDtypeStruct((), jnp.int32)
+
+
+# --------------------------------------------------------------- lift_transform
+
+
+def test_lift_transform_inside_frame(model):
+    tree, state = model
+    traces = TraceCounter()
+    my_jit = lift.lift_transform(jax.jit)
+
+    def body(x):
+        traces()
+        return accumulate(tree, x)
+
+    f = my_jit(body)
+
+    def run(x):
+        return f(x) + f(x)
+
+    out, new = lift.stateful(run)(state, jnp.ones(3))
+    assert_close(out, W.sum() + 2 * W.sum())
+    assert_close(new[tree["acc"]], 2 * W)
+    assert int(new[tree["n"]]) == 2
+    assert traces.count == 1
+
+
+def test_lift_transform_with_options(model):
+    tree, state = model
+    named = lift.lift_transform(jax.named_call)
+    f = named(lambda x: accumulate(tree, x), name="accumulate")
+    out, new = lift.stateful(f)(state, jnp.ones(3))
+    assert_close(out, W.sum())
+    assert int(new[tree["n"]]) == 1
+
+
+def test_lift_transform_at_top_level():
+    my_checkpoint = lift.lift_transform(jax.checkpoint)
+    f = my_checkpoint(lambda x: jnp.sin(x) ** 2)
+    assert_close(jax.grad(f)(0.7), jax.grad(lambda x: jnp.sin(x) ** 2)(0.7))
+
+
+# ---------------------------------------------------------------------- nesting
+
+
+def test_nested_jit_scan_vmap_cond():
+    batch, steps = 3, 4
+    tree, state = lift.export_state(
+        {
+            "positives": lift.StateEntry(jnp.zeros(batch, jnp.int32)),
+            "steps": lift.StateEntry(jnp.zeros((), jnp.int32)),
+            "total": lift.StateEntry(jnp.zeros((), jnp.float32)),
+        }
+    )
+    xs = np.array(
+        [[1.0, -2.0, 3.0], [-1.0, -1.0, 2.0], [0.5, 4.0, -3.0], [2.0, 2.0, 2.0]],
+        np.float32,
+    )
+
+    def pos(x):
+        lift.set(tree["positives"], lift.get(tree["positives"]) + 1)
+        return x
+
+    def neg(x):
+        return -2 * x
+
+    def per_example(x):
+        y = lift.cond(x > 0, pos, neg, x)
+        lift.set(tree["total"], lift.get(tree["total"]) + lax.psum(y, "b"))
+        return y
+
+    vm = lift.vmap(per_example, state_axes={"*positives": 0}, axis_name="b")
+
+    def body(c, row):
+        tick({"n": tree["steps"]})
+        ys = vm(row)
+        return c + jnp.sum(ys), ys
+
+    @lift.jit
+    @lift.stateful
+    def run(xs):
+        return lift.scan(body, 0.0, xs)
+
+    (c, ys), new = run(state, xs)
+    expected_ys = np.where(xs > 0, xs, -2 * xs)
+    assert_close(ys, expected_ys)
+    assert_close(c, expected_ys.sum())
+    np.testing.assert_array_equal(new[tree["positives"]], (xs > 0).sum(0))
+    assert int(new[tree["steps"]]) == steps
+    assert_close(new[tree["total"]], expected_ys.sum())
