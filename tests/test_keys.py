@@ -1,0 +1,296 @@
+"""StateKey: str semantics, pickling, pytree behaviour, and the keys export gives."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from lift import StateEntry, StateKey, export_state
+from tests.corpus import (
+    CORPUS,
+    ROUND_TRIP,
+    Case,
+    entry_objects,
+    entry_paths,
+    is_entry_or_key,
+    is_key,
+    keys_in,
+    sharing,
+)
+from tests.strategies import exported
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def new_keys(case: Case) -> list[str]:
+    """The keys export gives the entries of ``case``, in flatten order."""
+    tree = case.build()
+    flat = jax.tree_util.tree_leaves(tree, is_leaf=is_entry_or_key)
+    where = [i for i, x in enumerate(flat) if isinstance(x, StateEntry)]
+    out, _ = export_state(tree)
+    flat_out = jax.tree_util.tree_leaves(out, is_leaf=is_key)
+    assert len(flat_out) == len(flat)
+    return [str(flat_out[i]) for i in where]
+
+
+# ------------------------------------------------------------------ the str contract
+
+
+def test_key_is_a_str():
+    key = StateKey("['bn']['mean']")
+    assert isinstance(key, str)
+    assert key == "['bn']['mean']"
+    assert str(key) == "['bn']['mean']"
+    assert type(str(key)) is str
+    assert key.path == "['bn']['mean']"
+    assert type(key.path) is str
+
+
+@given(st.text(max_size=12))
+def test_key_hash_and_equality_are_the_str_ones(text):
+    key = StateKey(text)
+    assert hash(key) == hash(text)
+    assert key == text
+    assert StateKey(text) == key
+    assert {key: 1}[text] == 1
+    assert {text: 1}[key] == 1
+
+
+@given(st.text(max_size=6), st.text(max_size=6))
+def test_key_ordering_is_the_str_ordering(a, b):
+    ka, kb = StateKey(a), StateKey(b)
+    assert (ka < kb) == (a < b)
+    assert (ka <= kb) == (a <= b)
+    assert (ka > kb) == (a > b)
+    assert (ka == kb) == (a == b)
+    # Total: exactly one of <, ==, > holds.
+    assert [ka < kb, ka == kb, ka > kb].count(True) == 1
+
+
+@given(st.lists(st.text(max_size=5), max_size=8))
+def test_keys_sort_totally_like_their_strings(texts):
+    keys = [StateKey(t) for t in texts]
+    assert [str(k) for k in sorted(keys)] == sorted(texts)
+    assert all(type(k) is StateKey for k in sorted(keys))
+
+
+@given(st.text(max_size=12))
+def test_key_pickles(text):
+    key = StateKey(text)
+    again = pickle.loads(pickle.dumps(key))
+    assert type(again) is StateKey
+    assert again == key
+
+
+def test_state_dict_pickles_with_its_keys():
+    _, state = export_state({"a": StateEntry(np.arange(3)), "b": [StateEntry(1.0)]})
+    again = pickle.loads(pickle.dumps(state))
+    assert sorted(again) == sorted(state)
+    assert all(type(k) is StateKey for k in again)
+    np.testing.assert_array_equal(again[StateKey("['a']")], np.arange(3))
+
+
+@given(st.text(st.characters(codec="utf-8", categories=["L", "N", "P", "S", "Zs"])))
+def test_key_repr_evaluates_back(text):
+    key = StateKey(text)
+    assert repr(key).startswith('StateKey("')
+    assert eval(repr(key), {"StateKey": StateKey}) == key
+
+
+@pytest.mark.parametrize("text", ["a\nb", "tab\there", "nul\x00", "['it\\'s']"])
+def test_key_repr_escapes_control_characters(text):
+    # A dict key may hold any character; the repr must still be one line of Python.
+    key = StateKey(text)
+    assert "\n" not in repr(key)
+    assert eval(repr(key), {"StateKey": StateKey}) == key
+
+
+# -------------------------------------------------------------- a childless pytree
+
+
+def test_key_is_a_childless_pytree_node():
+    key = StateKey("['a']")
+    leaves, treedef = jax.tree_util.tree_flatten(key)
+    assert leaves == []
+    assert treedef.num_nodes == 1
+    again = jax.tree_util.tree_unflatten(treedef, [])
+    assert type(again) is StateKey
+    assert again == key
+    # The path is part of the structure: different keys, different structures.
+    assert treedef != jax.tree_util.tree_structure(StateKey("['b']"))
+
+
+def _exported(case: Case):
+    tree, _ = export_state(case.build())
+    return tree
+
+
+def _assert_same(out, tree):
+    assert jax.tree_util.tree_structure(out) == jax.tree_util.tree_structure(tree)
+    assert [str(k) for k in keys_in(out)] == [str(k) for k in keys_in(tree)]
+    assert all(type(k) is StateKey for k in keys_in(out))
+    for a, b in zip(
+        jax.tree_util.tree_leaves(out), jax.tree_util.tree_leaves(tree), strict=True
+    ):
+        assert a.dtype == b.dtype
+        np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("case", CORPUS, ids=str)
+def test_exported_tree_passes_through_jit(case):
+    tree = _exported(case)
+    seen = []
+
+    def f(t):
+        seen.append(keys_in(t))
+        return t
+
+    out = jax.jit(f)(tree)
+    _assert_same(out, tree)
+    assert seen == [keys_in(tree)]
+
+
+@pytest.mark.parametrize("case", CORPUS, ids=str)
+def test_exported_tree_passes_through_vmap(case):
+    tree = _exported(case)
+    stacked = jax.tree_util.tree_map(lambda x: jnp.stack([x, x]), tree)
+    seen = []
+
+    def f(t):
+        seen.append(keys_in(t))
+        return t
+
+    out = jax.vmap(f)(stacked) if jax.tree_util.tree_leaves(stacked) else stacked
+    _assert_same(out, stacked)
+    # Unbatched: the tree closed over, keys reach the body intact.
+    ys = jax.vmap(lambda x: (f(tree), x)[1])(jnp.arange(2))
+    np.testing.assert_array_equal(ys, jnp.arange(2))
+    assert all(keys == keys_in(tree) for keys in seen)
+
+
+@pytest.mark.parametrize("case", CORPUS, ids=str)
+def test_exported_tree_passes_through_scan(case):
+    tree = _exported(case)
+    stacked = jax.tree_util.tree_map(lambda x: jnp.stack([x, x, x]), tree)
+
+    def body(carry, x):
+        assert keys_in(carry) == keys_in(tree)
+        assert keys_in(x) == keys_in(tree)
+        return carry, x
+
+    carry, ys = jax.lax.scan(body, tree, stacked, length=3)
+    _assert_same(carry, tree)
+    _assert_same(ys, stacked)
+
+
+# ----------------------------------------------------------------- the corpus keys
+
+
+@pytest.mark.parametrize("case", CORPUS, ids=str)
+def test_corpus_paths_are_jax_keystr(case):
+    # The hand-written paths are what JAX itself names the entries.
+    assert tuple(entry_paths(case.build())) == case.paths
+
+
+@pytest.mark.parametrize("case", CORPUS, ids=str)
+def test_export_keys_are_the_expected_ones(case):
+    assert tuple(new_keys(case)) == case.expected_keys
+
+
+@pytest.mark.parametrize("case", CORPUS, ids=str)
+def test_keys_are_unique_per_entry(case):
+    objs = entry_objects(case.build())
+    keys = new_keys(case)
+    # One key per distinct entry object, and distinct objects get distinct keys.
+    assert sharing(keys, by=str) == sharing(objs)
+    _, state = export_state(case.build())
+    assert len(state) == len({id(o) for o in objs})
+
+
+@pytest.mark.parametrize("case", CORPUS, ids=str)
+def test_same_model_built_twice_gives_equal_keys(case):
+    one, state_one = export_state(case.build())
+    two, state_two = export_state(case.build())
+    assert keys_in(one) == keys_in(two)
+    assert list(state_one) == list(state_two)
+    assert jax.tree_util.tree_structure(one) == jax.tree_util.tree_structure(two)
+
+
+_PRINT_KEYS = """
+import json
+from lift import export_state
+from tests.corpus import CORPUS
+from tests.test_keys import new_keys
+print(json.dumps({case.name: new_keys(case) for case in CORPUS}))
+"""
+
+
+def _keys_in_subprocess(seed: str) -> dict:
+    env = {**os.environ, "PYTHONHASHSEED": seed, "PYTHONPATH": str(REPO)}
+    done = subprocess.run(
+        [sys.executable, "-W", "error", "-c", _PRINT_KEYS],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
+
+
+def test_keys_are_equal_across_processes_with_different_hash_seeds():
+    one = _keys_in_subprocess("1")
+    two = _keys_in_subprocess("4242")
+    assert one == two
+    assert one == {case.name: new_keys(case) for case in CORPUS}
+    assert sum(len(v) for v in one.values()) > 50
+
+
+# -------------------------------------------------------------------- properties
+
+
+@settings(max_examples=60, deadline=None)
+@given(exported())
+def test_property_keys_are_jax_keystr_of_the_first_path(drawn):
+    tree, out, state = drawn
+    paths = entry_paths(tree)
+    first = sharing(entry_objects(tree))
+    assert [str(k) for k in keys_in(out)] == [paths[i] for i in first]
+    assert sorted(state) == sorted({paths[i] for i in first})
+
+
+@settings(max_examples=60, deadline=None)
+@given(exported())
+def test_property_keys_are_unique(drawn):
+    tree, out, state = drawn
+    objs = entry_objects(tree)
+    assert len(state) == len({id(o) for o in objs})
+    assert sharing(keys_in(out), by=str) == sharing(objs)
+
+
+@settings(max_examples=25, deadline=None)
+@given(exported())
+def test_property_exported_tree_passes_through_jit(drawn):
+    _, out, _ = drawn
+    _assert_same(jax.jit(lambda t: t)(out), out)
+
+
+@pytest.mark.parametrize("case", ROUND_TRIP[:3], ids=str)
+def test_key_survives_a_json_round_trip_of_its_path(case):
+    # Keys are plain paths: saving them as strings and reading them back is lossless.
+    _, state = export_state(case.build())
+    names = json.loads(json.dumps(list(state)))
+    assert [StateKey(n) for n in names] == list(state)
