@@ -57,10 +57,23 @@ def batch_stats(x: jax.Array, axis_name: Any = None) -> tuple[jax.Array, jax.Arr
     ``pmean``-ed over the named axis; otherwise ``x`` is ``(batch, features)``.
     """
     if axis_name is None:
-        mean = jnp.mean(x, axis=0)
-        return mean, jnp.mean((x - mean) ** 2, axis=0)
+        mean = jnp.mean(x, axis=0, keepdims=True)
+        return mean[0], jnp.mean((x - mean) ** 2, axis=0)
     mean = lax.pmean(x, axis_name)
     return mean, lax.pmean((x - mean) ** 2, axis_name)
+
+
+def normalize(model: dict, x: jax.Array, mean: jax.Array, var: jax.Array) -> jax.Array:
+    """``(x - mean) / sqrt(var + eps) * scale + bias``, broadcasting explicitly.
+
+    The explicit broadcast keeps the helpers valid under strict rank promotion.
+    """
+
+    def lead(v: jax.Array) -> jax.Array:
+        return jnp.reshape(v, (1,) * (x.ndim - v.ndim) + v.shape)
+
+    scale = lead(model["scale"]) / jnp.sqrt(lead(var) + EPS)
+    return (x - lead(mean)) * scale + lead(model["bias"])
 
 
 def bn_step(model: dict, x: jax.Array, axis_name: Any = None) -> jax.Array:
@@ -69,7 +82,7 @@ def bn_step(model: dict, x: jax.Array, axis_name: Any = None) -> jax.Array:
     lift.set(model["mean"], MOMENTUM * lift.get(model["mean"]) + (1 - MOMENTUM) * mean)
     lift.set(model["var"], MOMENTUM * lift.get(model["var"]) + (1 - MOMENTUM) * var)
     lift.set(model["count"], lift.get(model["count"]) + 1)
-    return (x - mean) / jnp.sqrt(var + EPS) * model["scale"] + model["bias"]
+    return normalize(model, x, mean, var)
 
 
 def bn_reference(
@@ -82,8 +95,7 @@ def bn_reference(
         "var": MOMENTUM * values["var"] + (1 - MOMENTUM) * var,
         "count": values["count"] + 1,
     }
-    y = (x - mean) / jnp.sqrt(var + EPS) * model["scale"] + model["bias"]
-    return y, new
+    return normalize(model, x, mean, var), new
 
 
 def bn_values(model: dict, state: dict) -> dict[str, Any]:
