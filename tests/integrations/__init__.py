@@ -1,0 +1,1 @@
+"""Parity tests of lift's converters against the libraries' own APIs."""
