@@ -19,11 +19,28 @@ from functools import partial
 from typing import Any
 
 import jax
-import jax.numpy as jnp
-import numpy as np
-from jax import lax
 
-import lift
+
+def initialize(port: int, num_processes: int, process_id: int) -> None:
+    """Join the run: gloo collectives on CPU, coordinator on loopback."""
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(
+        coordinator_address=f"127.0.0.1:{port}",
+        num_processes=num_processes,
+        process_id=process_id,
+    )
+
+
+if __name__ == "__main__":
+    # Before anything starts a JAX backend: `import lift` does today (reported).
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    initialize(int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]))
+
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from jax import lax  # noqa: E402
+
+import lift  # noqa: E402
 
 N_IN, HIDDEN, CLASSES = 6, 16, 3
 BATCH = 32
@@ -104,7 +121,7 @@ def train_step(
 
 
 def train_single(steps: int, seed: int = 0) -> tuple[dict, dict, dict]:
-    """Reference: single-device training on the full batch; ``(model, params, state)``."""
+    """Single-device training on the full batch: ``(model, params, state)``."""
     model, params, state = make_mlp(seed)
     step = lift.jit(lift.stateful(partial(train_step, model)))
     for i in range(steps):
@@ -121,17 +138,11 @@ def flat_result(model: dict, params: dict, state: dict) -> dict[str, np.ndarray]
     return out
 
 
-def main(port: int, num_processes: int, process_id: int, steps: int, out: str) -> None:
-    """One process of the multi-host run."""
+def main(num_processes: int, process_id: int, steps: int, out: str) -> None:
+    """One process of the multi-host run (after :func:`initialize`)."""
     from jax.sharding import Mesh, NamedSharding
     from jax.sharding import PartitionSpec as P
 
-    jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(
-        coordinator_address=f"127.0.0.1:{port}",
-        num_processes=num_processes,
-        process_id=process_id,
-    )
     try:
         assert jax.process_count() == num_processes, jax.process_count()
         mesh = Mesh(np.asarray(jax.devices()), ("data",))
@@ -175,6 +186,5 @@ def lift_shard_map(f: Any, **kwargs: Any) -> Any:
 
 
 if __name__ == "__main__":
-    os.environ.setdefault("JAX_PLATFORMS", "cpu")
-    port_, n_, i_, steps_, out_ = sys.argv[1:6]
-    main(int(port_), int(n_), int(i_), int(steps_), out_)
+    _, n_, i_, steps_, out_ = sys.argv[1:6]
+    main(int(n_), int(i_), int(steps_), out_)
