@@ -314,7 +314,7 @@ def test_generator_reaches_every_statement_kind() -> None:
                 if hasattr(stmt, attr):
                     walk(getattr(stmt, attr))
 
-    @settings(max_examples=200, derandomize=True, database=None, deadline=None)
+    @settings(max_examples=80, derandomize=True, database=None, deadline=None)
     @given(programs)
     def collect(program: tuple) -> None:
         walk(program)
