@@ -1,0 +1,241 @@
+"""Shared timing utilities: interleaved rounds, medians, rows, machine facts.
+
+Every measure is a ratio against a baseline timed in the same process, in interleaved
+rounds (A, B, A, B, ...: the order alternates each round), so that a noisy machine
+slows both sides alike. Warm-up calls (compilation, caches) are excluded; outputs are
+waited on with :func:`jax.block_until_ready`. The ratio reported is the median of the
+per-round ratios, and the times the medians of the per-round times.
+"""
+
+from __future__ import annotations
+
+import datetime
+import gc
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+
+__all__ = [
+    "Timing",
+    "compare",
+    "fit_slope",
+    "format_table",
+    "machine_info",
+    "print_rows",
+    "quick",
+    "row",
+    "skipped_row",
+    "time_calls",
+]
+
+
+def quick() -> bool:
+    """Whether ``LIFT_BENCH_QUICK=1`` asks for a fast smoke run (CI)."""
+    return os.environ.get("LIFT_BENCH_QUICK", "") not in ("", "0")
+
+
+def time_calls(fn: Callable[[], Any], number: int) -> float:
+    """Seconds per call of ``fn()`` over ``number`` calls, waiting on the last output.
+
+    Calls are dispatched back to back, as in a training loop; the wait at the end
+    makes sure the work queued by asynchronous dispatch is counted.
+    """
+    out = None
+    start = time.perf_counter()
+    for _ in range(number):
+        out = fn()
+    jax.block_until_ready(out)
+    return (time.perf_counter() - start) / number
+
+
+class Timing:
+    """Per-round seconds per call of several callables timed in interleaved rounds."""
+
+    def __init__(self, names: Sequence[str]) -> None:
+        self.rounds: dict[str, list[float]] = {name: [] for name in names}
+
+    def median(self, name: str) -> float:
+        """Median seconds per call of ``name`` over the rounds."""
+        return statistics.median(self.rounds[name])
+
+    def ratio(self, name: str, baseline: str) -> float:
+        """Median over rounds of ``name``'s time divided by ``baseline``'s time."""
+        pairs = zip(self.rounds[name], self.rounds[baseline], strict=True)
+        return statistics.median(a / b for a, b in pairs)
+
+
+def compare(
+    fns: dict[str, Callable[[], Any]],
+    *,
+    rounds: int,
+    number: int = 1,
+    warmup: int = 2,
+    setup: Callable[[int], dict[str, Callable[[], Any]]] | None = None,
+) -> Timing:
+    """Time each callable of ``fns`` in ``rounds`` interleaved rounds.
+
+    Args:
+        fns: name -> zero-argument callable; all are timed in each round.
+        rounds: how many rounds; the order of the callables alternates each round.
+        number: calls per round of each callable (timed together).
+        warmup: untimed calls of each callable before the first round.
+        setup: if given, called with the round index before each round and returns
+            the callables to time in that round (for measures that need a fresh
+            input each round, e.g. a new tree structure); ``fns`` is then only used
+            for the names and the warm-up.
+
+    Returns:
+        The :class:`Timing` of every round.
+    """
+    names = list(fns)
+    for fn in fns.values():
+        for _ in range(warmup):
+            jax.block_until_ready(fn())
+    timing = Timing(names)
+    for r in range(rounds):
+        current = fns if setup is None else setup(r)
+        order = names if r % 2 == 0 else names[::-1]
+        for name in order:
+            gc.collect()
+            timing.rounds[name].append(time_calls(current[name], number))
+    return timing
+
+
+def fit_slope(xs: Sequence[float], ys: Sequence[float]) -> float:
+    """Least-squares slope of ``ys`` against ``xs``."""
+    mx, my = statistics.fmean(xs), statistics.fmean(ys)
+    num = sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True))
+    den = sum((x - mx) ** 2 for x in xs)
+    return num / den
+
+
+def row(
+    name: str,
+    lift: float,
+    baseline: float,
+    target: float | None,
+    *,
+    ratio: float | None = None,
+    unit: str = "us",
+    note: str = "",
+) -> dict[str, Any]:
+    """One result row; ``ratio`` defaults to ``lift / baseline``.
+
+    ``target`` ``None`` marks an anchor (another library), which has no pass/fail.
+    """
+    if ratio is None:
+        ratio = lift / baseline
+    return {
+        "name": name,
+        "lift": lift,
+        "baseline": baseline,
+        "ratio": ratio,
+        "target": target,
+        "pass": None if target is None else bool(ratio <= target),
+        "unit": unit,
+        "note": note,
+    }
+
+
+def skipped_row(name: str, why: str) -> dict[str, Any]:
+    """A row for a measure that could not run (a library is not installed)."""
+    return {
+        "name": name,
+        "lift": None,
+        "baseline": None,
+        "ratio": None,
+        "target": None,
+        "pass": None,
+        "unit": "",
+        "note": f"skipped: {why}",
+    }
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def _version(dist: str) -> str | None:
+    from importlib import metadata
+
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def machine_info() -> dict[str, Any]:
+    """The machine and library versions a run was measured on."""
+    return {
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "cpu": _cpu_model(),
+        "cores": os.cpu_count(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "jax_backend": jax.default_backend(),
+        "versions": {
+            name: _version(name)
+            for name in ("lift", "jax", "jaxlib", "equinox", "inox", "flax", "dm-haiku")
+        },
+        "quick": quick(),
+    }
+
+
+def print_rows(rows: Sequence[dict[str, Any]]) -> None:
+    """Print rows as the table ``run.py`` prints."""
+    print(format_table(rows))
+
+
+def _num(x: float | None, unit: str) -> str:
+    if x is None:
+        return "-"
+    if unit == "us":
+        if x < 1e-3:
+            return f"{x * 1e6:.1f} us"
+        return f"{x * 1e3:.1f} ms" if x < 1 else f"{x:.2f} s"
+    if unit == "us/layer":
+        return f"{x * 1e6:.2f} us"
+    if unit == "eqns":
+        return f"{x:.0f}"
+    return f"{x:.3g}"
+
+
+def format_table(rows: Sequence[dict[str, Any]], *, markdown: bool = False) -> str:
+    """The rows as a text (or Markdown) table: measure, lift, baseline, ratio, ..."""
+    header = ["measure", "lift", "baseline", "ratio", "target", "ok"]
+    lines = []
+    for r in rows:
+        ok = {True: "yes", False: "NO", None: "-"}[r["pass"]]
+        if r["note"].startswith("skipped"):
+            ok = r["note"]
+        lines.append(
+            [
+                r["name"],
+                _num(r["lift"], r["unit"]),
+                _num(r["baseline"], r["unit"]),
+                "-" if r["ratio"] is None else f"{r['ratio']:.3f}",
+                "anchor" if r["target"] is None else f"<= {r['target']:g}",
+                ok,
+            ]
+        )
+    if markdown:
+        out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        out += ["| " + " | ".join(line) + " |" for line in lines]
+        return "\n".join(out)
+    widths = [max(len(x) for x in col) for col in zip(header, *lines, strict=True)]
+    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
+    out = [fmt.format(*header), fmt.format(*("-" * w for w in widths))]
+    out += [fmt.format(*line) for line in lines]
+    return "\n".join(out)

@@ -1,0 +1,242 @@
+"""Train-step dispatch: ``lift.jit(lift.stateful(step))`` vs a hand-written ``jax.jit``.
+
+The step: ``layers`` times (Linear 16->16, then BatchNorm-style normalisation whose
+batch mean and variance update running statistics), a squared loss on a batch of 8,
+``value_and_grad``, SGD. The hand-written step carries the statistics explicitly in a
+dict with ``str`` keys; the lift step reads and writes them with ``lift.get`` and
+``lift.set`` on keys made by ``lift.export_state``. Same math, so the same jaxpr.
+
+Measures: the per-call time of one layer's step (ratio, target <= 1.05), the added
+time per extra stateful layer (slope over 1..32 layers, target <= 1.1 x hand-written),
+and the jaxpr equation counts (must be equal).
+
+Run alone with ``python -m benchmarks.dispatch``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+import lift
+
+from ._timing import compare, fit_slope, print_rows, quick, row
+
+__all__ = [
+    "LAYERS",
+    "build_hand",
+    "build_lift",
+    "data",
+    "layer_counts",
+    "main",
+    "time_steps",
+]
+
+LAYERS = (1, 2, 4, 8, 16, 32)
+QUICK_LAYERS = (1, 4, 8)
+FEATURES = 16
+BATCH = 8
+LR = 0.1
+MOMENTUM = 0.9
+EPS = 1e-5
+
+
+def data(layers: int) -> dict[str, Any]:
+    """Weights, biases, input and target shared by every implementation of the step."""
+    keys = jax.random.split(jax.random.key(0), layers + 2)
+    return {
+        "w": [
+            jax.random.normal(k, (FEATURES, FEATURES)) / FEATURES**0.5
+            for k in keys[:layers]
+        ],
+        "b": [jnp.zeros(FEATURES) for _ in range(layers)],
+        "x": jax.random.normal(keys[-2], (BATCH, FEATURES)),
+        "y": jax.random.normal(keys[-1], (BATCH, FEATURES)),
+    }
+
+
+def normalise(h: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The batch-norm part of a layer: normalised ``h``, batch mean and variance."""
+    m, v = h.mean(0), h.var(0)
+    return (h - m) / jnp.sqrt(v + EPS), m, v
+
+
+def running(old: jax.Array, new: jax.Array) -> jax.Array:
+    """The running-statistic update."""
+    return MOMENTUM * old + (1 - MOMENTUM) * new
+
+
+def sgd(params: Any, grads: Any) -> Any:
+    """One SGD step."""
+    return jax.tree.map(lambda p, g: p - LR * g, params, grads)
+
+
+def hand_step(
+    params: list[dict[str, jax.Array]], stats: dict[str, jax.Array], x: Any, y: Any
+) -> tuple[Any, dict[str, jax.Array], jax.Array]:
+    """The hand-written pure step: explicit statistics with ``str`` keys."""
+
+    def loss(params: list[dict[str, jax.Array]]) -> tuple[jax.Array, Any]:
+        h, batch = x, {}
+        for i, layer in enumerate(params):
+            h, m, v = normalise(h @ layer["w"] + layer["b"])
+            batch[f"l{i}.mean"], batch[f"l{i}.var"] = m, v
+        return jnp.mean((h - y) ** 2), batch
+
+    (value, batch), grads = jax.value_and_grad(loss, has_aux=True)(params)
+    new_stats = {k: running(stats[k], batch[k]) for k in stats}
+    return sgd(params, grads), new_stats, value
+
+
+def build_hand(layers: int) -> tuple[Any, tuple[Any, ...]]:
+    """The jitted hand-written step and its arguments."""
+    d = data(layers)
+    params = [{"w": w, "b": b} for w, b in zip(d["w"], d["b"], strict=True)]
+    stats = {}
+    for i in range(layers):
+        stats[f"l{i}.mean"] = jnp.zeros(FEATURES)
+        stats[f"l{i}.var"] = jnp.ones(FEATURES)
+    return jax.jit(hand_step), (params, stats, d["x"], d["y"])
+
+
+def lift_step(model: list[dict[str, Any]], x: Any, y: Any) -> tuple[Any, jax.Array]:
+    """The implicit step: the statistics are read and written with ``lift.get/set``."""
+
+    def loss(model: list[dict[str, Any]]) -> jax.Array:
+        h = x
+        for layer in model:
+            h, m, v = normalise(h @ layer["w"] + layer["b"])
+            bn = layer["bn"]
+            lift.set(bn["mean"], running(lift.get(bn["mean"]), m))
+            lift.set(bn["var"], running(lift.get(bn["var"]), v))
+        return jnp.mean((h - y) ** 2)
+
+    value, grads = lift.value_and_grad(loss)(model)
+    return sgd(model, grads), value
+
+
+def build_lift(layers: int) -> tuple[Any, tuple[Any, ...]]:
+    """``lift.jit(lift.stateful(lift_step))`` and its arguments (state first)."""
+    d = data(layers)
+    tree = [
+        {
+            "w": w,
+            "b": b,
+            "bn": {
+                "mean": lift.StateEntry(jnp.zeros(FEATURES)),
+                "var": lift.StateEntry(jnp.ones(FEATURES)),
+            },
+        }
+        for w, b in zip(d["w"], d["b"], strict=True)
+    ]
+    model, state = lift.export_state(tree)
+    return lift.jit(lift.stateful(lift_step)), (state, model, d["x"], d["y"])
+
+
+def eqn_count(jaxpr: Any) -> int:
+    """Equations of a (closed) jaxpr, counting those of sub-jaxprs recursively."""
+    jaxpr = getattr(jaxpr, "jaxpr", jaxpr)
+    total = 0
+    for eqn in jaxpr.eqns:
+        total += 1
+        for param in eqn.params.values():
+            subs = param if isinstance(param, (list, tuple)) else (param,)
+            for sub in subs:
+                if hasattr(sub, "eqns") or hasattr(getattr(sub, "jaxpr", None), "eqns"):
+                    total += eqn_count(sub)
+    return total
+
+
+def check_same_result(hand: Any, hand_args: Any, lifted: Any, lift_args: Any) -> None:
+    """Fail loudly if the two steps do not compute the same thing."""
+    params, stats, value = hand(*hand_args)
+    (model, lvalue), state = lifted(*lift_args)
+    assert jnp.allclose(value, lvalue), (value, lvalue)
+    for i, layer in enumerate(params):
+        assert jnp.allclose(layer["w"], model[i]["w"], atol=1e-6)
+        mean = state[model[i]["bn"]["mean"]]
+        assert jnp.allclose(stats[f"l{i}.mean"], mean, atol=1e-6)
+
+
+def time_steps(
+    steps: dict[str, tuple[Any, tuple[Any, ...]]], *, rounds: int, number: int
+) -> Any:
+    """Interleaved timing of jitted steps, each called on its own arguments."""
+    fns = {name: (lambda f=f, a=a: f(*a)) for name, (f, a) in steps.items()}
+    return compare(fns, rounds=rounds, number=number, warmup=3)
+
+
+def main(quick_run: bool | None = None) -> list[dict[str, Any]]:
+    """Run the dispatch measures and return their rows."""
+    q = quick() if quick_run is None else quick_run
+    rows = []
+
+    hand, hand_args = build_hand(1)
+    lifted, lift_args = build_lift(1)
+    check_same_result(hand, hand_args, lifted, lift_args)
+    hand_eqns = eqn_count(jax.make_jaxpr(hand_step)(*hand_args))
+    lift_eqns = eqn_count(jax.make_jaxpr(lift.stateful(lift_step))(*lift_args))
+    rows.append(
+        row("jaxpr equations, 1-layer step", lift_eqns, hand_eqns, 1.0, unit="eqns")
+    )
+    _, hand8_args = build_hand(8)
+    _, lift8_args = build_lift(8)
+    hand_eqns = eqn_count(jax.make_jaxpr(hand_step)(*hand8_args))
+    lift_eqns = eqn_count(jax.make_jaxpr(lift.stateful(lift_step))(*lift8_args))
+    rows.append(
+        row("jaxpr equations, 8-layer step", lift_eqns, hand_eqns, 1.0, unit="eqns")
+    )
+
+    rounds, number = (5, 100) if q else (41, 1000)
+    timing = time_steps(
+        {"lift": (lifted, lift_args), "hand": (hand, hand_args)},
+        rounds=rounds,
+        number=number,
+    )
+    rows.append(
+        row(
+            "train step dispatch (1 layer)",
+            timing.median("lift"),
+            timing.median("hand"),
+            1.05,
+            ratio=timing.ratio("lift", "hand"),
+        )
+    )
+
+    rows.append(layer_scaling(q))
+    return rows
+
+
+def layer_counts(q: bool) -> tuple[int, ...]:
+    """The layer counts the per-layer slope is fitted over."""
+    return QUICK_LAYERS if q else LAYERS
+
+
+def layer_scaling(q: bool) -> dict[str, Any]:
+    """Added time per extra stateful layer, lift vs hand-written (slope ratio)."""
+    rounds, number = (3, 30) if q else (21, 200)
+    xs, lift_ts, hand_ts = [], [], []
+    for layers in layer_counts(q):
+        timing = time_steps(
+            {"lift": build_lift(layers), "hand": build_hand(layers)},
+            rounds=rounds,
+            number=number,
+        )
+        xs.append(layers)
+        lift_ts.append(timing.median("lift"))
+        hand_ts.append(timing.median("hand"))
+    lift_slope, hand_slope = fit_slope(xs, lift_ts), fit_slope(xs, hand_ts)
+    return row(
+        "added dispatch per stateful layer",
+        lift_slope,
+        hand_slope,
+        1.1,
+        unit="us/layer",
+        note="slope over " + ", ".join(map(str, layer_counts(q))) + " layers",
+    )
+
+
+if __name__ == "__main__":
+    print_rows(main())
