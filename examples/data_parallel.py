@@ -12,7 +12,7 @@ Run: python examples/data_parallel.py   (LIFT_EXAMPLES_QUICK=1 for a few steps)
 
 import os
 
-# Before JAX starts: ask for 8 CPU devices (a no-op on a machine that has them).
+# Before JAX starts: ask for 8 CPU devices (the flag affects the CPU backend only).
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 )
