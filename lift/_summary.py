@@ -105,10 +105,11 @@ def _sharding_text(leaf: Any) -> str:
     sharding = getattr(leaf, "sharding", None)
     if sharding is None:
         return ""
-    try:
+    mesh = getattr(sharding, "mesh", None)
+    if isinstance(mesh, jax.sharding.AbstractMesh):  # from `jax.eval_shape`
+        count = mesh.size
+    else:
         count = len(sharding.device_set)
-    except Exception:  # an abstract sharding without devices
-        return type(sharding).__name__
     if count == 1:
         return "1 device"
     if sharding.is_fully_replicated:

@@ -254,6 +254,8 @@ def _to_host(where: str, leaf: Any) -> tuple[np.ndarray, str, str | None]:
             "array. State files hold arrays only; keep other objects in the model "
             "tree (they are static) or convert them to arrays."
         )
+    if host.dtype.byteorder == ">":
+        host = host.astype(host.dtype.newbyteorder("<"))
     dtype = host.dtype
     if dtype not in _NATIVE:
         try:
@@ -289,8 +291,6 @@ def _write_archive(file: BinaryIO, state: Mapping[Any, Any]) -> None:
             records = []
             for path, leaf in zip(paths, leaves, strict=True):
                 host, dtype, impl = _to_host(str(key) + path, leaf)
-                if host.dtype.byteorder == ">":
-                    host = host.astype(host.dtype.newbyteorder("<"))
                 if not host.flags.c_contiguous:
                     host = host.copy(order="C")
                 member = _member_name(str(key) + path, len(used) - 1, used)
@@ -653,14 +653,34 @@ def _x64_missing(dtype: str) -> bool:
     )
 
 
-def _to_device(host: np.ndarray, leaf: _Leaf, like_leaf: Any) -> jax.Array:
+def _sharding_of(like_leaf: Any, path: str, where: str) -> Any:
+    """The sharding to place a leaf with: ``like_leaf``'s, made concrete if abstract."""
+    sharding = getattr(like_leaf, "sharding", None)
+    mesh = getattr(sharding, "mesh", None)
+    if isinstance(mesh, jax.sharding.AbstractMesh):
+        # `jax.eval_shape` gives shardings over an abstract mesh; the mesh set with
+        # `jax.set_mesh` supplies the devices.
+        current = jax.sharding.get_mesh()
+        if getattr(current, "abstract_mesh", None) != mesh:
+            raise LiftValueError(
+                f"`{where}`: `like` gives {path!r} a sharding over an abstract mesh "
+                f"({mesh}), which names no devices. Call it under `with "
+                "jax.set_mesh(mesh):` for the matching mesh, or pass concrete "
+                "shardings (`jax.ShapeDtypeStruct(shape, dtype, "
+                "sharding=NamedSharding(mesh, spec))`)."
+            )
+        sharding = jax.sharding.NamedSharding(current, sharding.spec)
+    return sharding
+
+
+def _to_device(host: np.ndarray, leaf: _Leaf, like_leaf: Any, path: str) -> jax.Array:
     if leaf.key_impl is not None:
         value = jax.random.wrap_key_data(host, impl=leaf.key_impl)
     else:
         if host.dtype.str != leaf.stored_dtype or host.dtype.name != leaf.dtype:
             host = host.view(jnp.dtype(leaf.dtype))
         value = None
-    sharding = getattr(like_leaf, "sharding", None)
+    sharding = _sharding_of(like_leaf, path, "load_state")
     if sharding is not None:
         return jax.device_put(host if value is None else value, sharding)
     return jax.device_put(host) if value is None else value
@@ -804,7 +824,7 @@ def _build(
         elif placed:
             like_leaves = leaves_
     arrays = [
-        _to_device(host(leaf), leaf, like_leaf)
+        _to_device(host(leaf), leaf, like_leaf, entry.key + leaf.path)
         for leaf, like_leaf in zip(entry.leaves, like_leaves, strict=True)
     ]
     if like_def is not None:
@@ -998,7 +1018,8 @@ def from_pure_dict(d: Mapping[str, Any], *, like: Mapping[StateKey, Any]) -> Sta
     out: State = {}
     for key, names, like_leaves, like_def in plans:
         arrays = [
-            _place_pure(d[n], leaf) for n, leaf in zip(names, like_leaves, strict=True)
+            _place_pure(n, d[n], leaf)
+            for n, leaf in zip(names, like_leaves, strict=True)
         ]
         out[key] = jax.tree_util.tree_unflatten(like_def, arrays)
     return out
@@ -1033,12 +1054,12 @@ def _impl_of(like_leaf: Any) -> str:
     return str(like_leaf.dtype._impl.name)
 
 
-def _place_pure(value: Any, like_leaf: Any) -> jax.Array:
+def _place_pure(name: str, value: Any, like_leaf: Any) -> jax.Array:
     if _is_key_dtype(getattr(like_leaf, "dtype", None)) and not _is_key_dtype(
         getattr(value, "dtype", None)
     ):
         value = jax.random.wrap_key_data(value, impl=_impl_of(like_leaf))
-    sharding = getattr(like_leaf, "sharding", None)
+    sharding = _sharding_of(like_leaf, name, "from_pure_dict")
     if sharding is not None:
         return jax.device_put(value, sharding)
     return value if isinstance(value, jax.Array) else jax.device_put(value)
