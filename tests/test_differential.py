@@ -36,6 +36,8 @@ SETTINGS = settings(
     database=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
+# The retrace properties need fewer programs: half of the profile's count.
+HALF = settings(SETTINGS, max_examples=max(5, settings().max_examples // 2))
 
 # --------------------------------------------------------------------- strategies
 
@@ -120,13 +122,14 @@ programs = blocks(ref.Ctx(), 1)
 class LiftInterpreter:
     """Runs programs with ``lift.get``/``lift.set`` and lift's transforms.
 
-    ``traces`` counts every Python execution of a block, so a test can tell that a
-    compiled program did not run its Python again.
+    ``traces`` counts every Python execution of a block, ``jit_traces`` those of
+    blocks under a ``Jit``, so a test can tell that compiled code was not traced again.
     """
 
     def __init__(self, keys: dict[str, lift.StateKey]) -> None:
         self.keys = keys
         self.traces = 0
+        self.jit_traces = 0
         self._jitted: dict[Any, Any] = {}
 
     def evaluate(self, expr: Any, ctx: ref.Ctx, x: Any) -> Any:
@@ -157,6 +160,10 @@ class LiftInterpreter:
             x = self.statement(stmt, ctx, x)
         return x
 
+    def jit_block(self, block: tuple, ctx: ref.Ctx, x: Any) -> Any:
+        self.jit_traces += 1
+        return self.block(block, ctx, x)
+
     def write(self, key: str, value: Any, ctx: ref.Ctx) -> None:
         names = [
             _axis(level)
@@ -183,7 +190,7 @@ class LiftInterpreter:
             fn = self._jitted.get((stmt, ctx))
             if fn is None:
                 fn = self._jitted[stmt, ctx] = lift.jit(
-                    lambda x: self.block(stmt.block, ctx, x)
+                    lambda x: self.jit_block(stmt.block, ctx, x)
                 )
             return fn(x)
         if kind is ref.Checkpoint:
@@ -288,7 +295,7 @@ def test_lift_matches_reference(mode: str, program: tuple, seed: int) -> None:
     _assert_same(got, ref.run_reference(program, named, x), interp)
 
 
-@SETTINGS
+@HALF
 @given(program=programs, seed=st.integers(0, 2**16))
 def test_second_call_does_not_retrace(program: tuple, seed: int) -> None:
     interp, named, state, x = _setup(seed)
@@ -302,6 +309,21 @@ def test_second_call_does_not_retrace(program: tuple, seed: int) -> None:
     _, named_new = ref.run_reference(program, named, x)
     _assert_same(again, ref.run_reference(program, named_new, 2.0 * x), interp)
     jax.block_until_ready(out)
+
+
+@HALF
+@given(program=programs, seed=st.integers(0, 2**16))
+def test_inner_jit_blocks_trace_once(program: tuple, seed: int) -> None:
+    # Eagerly, the program's Python runs on every call, but a `lift.jit` inside the
+    # frame must reuse its compiled function: same structure, only new values.
+    interp, named, state, x = _setup(seed)
+    pure = interp.pure(program)
+    _, new_state = pure(state, x)
+    traced = interp.jit_traces
+    again = pure(new_state, 2.0 * x)
+    assert interp.jit_traces == traced, "a lift.jit block was traced again"
+    _, named_new = ref.run_reference(program, named, x)
+    _assert_same(again, ref.run_reference(program, named_new, 2.0 * x), interp)
 
 
 def test_generator_reaches_every_statement_kind() -> None:
