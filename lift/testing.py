@@ -14,7 +14,7 @@ Example:
     >>> from jax.tree_util import tree_structure
     >>> from lift import export_state, import_state
     >>> from lift.testing import trees
-    >>> @settings(max_examples=10, database=None)
+    >>> @settings(max_examples=10, deadline=None, database=None)
     ... @given(trees())
     ... def test_round_trip(tree):
     ...     exported, state = export_state(tree)
@@ -328,17 +328,21 @@ def trees(
         A strategy of pytrees.
 
     Example:
-        >>> from hypothesis import find
-        >>> from lift import StateEntry
+        >>> import jax
+        >>> from hypothesis import find, given, settings
+        >>> from lift import StateEntry, export_state
         >>> from lift.testing import trees
         >>> tree = find(trees(), lambda t: isinstance(t, dict) and 0 in t)
         >>> type(tree), list(tree)
         (<class 'dict'>, [0])
-        >>> def shares(t):
-        ...     return isinstance(t, list) and len(t) == 2 and t[0] is t[1] is not None
-        >>> tree = find(trees(), shares)
-        >>> isinstance(tree[0], StateEntry)
-        True
+        >>> @settings(max_examples=20, deadline=None, database=None)
+        ... @given(trees(max_leaves=4))
+        ... def test_one_key_per_entry_object(tree):
+        ...     flat = jax.tree_util.tree_leaves(
+        ...         tree, is_leaf=lambda x: isinstance(x, StateEntry))
+        ...     objects = {id(x) for x in flat if isinstance(x, StateEntry)}
+        ...     assert len(export_state(tree)[1]) == len(objects) <= 4
+        >>> test_one_key_per_entry_object()
     """
     return _Builder(draw, max_leaves, max_depth, shared).node(0)
 

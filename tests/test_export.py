@@ -244,7 +244,7 @@ def test_entries_do_not_nest():
 # ---------------------------------------------------------------------- properties
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=40, deadline=None)
 @given(trees())
 def test_property_round_trip_is_exact(tree):
     assert_identical(import_state(*export_state(tree)), tree)

@@ -160,7 +160,7 @@ def test_update_with_a_failing_value_leaves_the_input_alone():
     assert all(state[k] is before[k] for k in state)
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=40, deadline=None)
 @given(states().flatmap(lambda s: st.tuples(st.just(s), mutations(s))))
 def test_property_update_state_is_pure(drawn):
     state, mutation = drawn
@@ -330,7 +330,7 @@ def test_glob_matching_raw_and_dotted_forms():
     assert matches("[\"it's\"]['x']", "it's.x")
 
 
-@settings(max_examples=80, deadline=None)
+@settings(max_examples=50, deadline=None)
 @given(
     states().flatmap(lambda s: st.tuples(st.just(s), st.lists(filters(s), max_size=3)))
 )
@@ -343,7 +343,7 @@ def test_property_partition_then_merge_is_the_identity(drawn):
     assert all(merged[k] is state[k] for k in state)
 
 
-@settings(max_examples=80, deadline=None)
+@settings(max_examples=50, deadline=None)
 @given(
     states().flatmap(lambda s: st.tuples(st.just(s), st.lists(filters(s), max_size=3)))
 )
