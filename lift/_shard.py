@@ -260,6 +260,11 @@ def _norm(axis: int | None, ndim: int) -> int | None:
     return axis if axis is None or axis >= 0 else axis + ndim
 
 
+def _unmap(x: Any, axis: int | None) -> Any:
+    """Move the mapped axis (leading after shard_map) to ``axis``."""
+    return x if axis is None else jnp.moveaxis(x, 0, axis)
+
+
 def pmap(
     f: Callable[..., Any],
     axis_name: Hashable | None = None,
@@ -413,15 +418,11 @@ def pmap(
         )(moved)
         out_leaves, out_def = jax.tree_util.tree_flatten(out)
         out_leaves = [
-            x if a is None else jnp.moveaxis(x, 0, _norm(a, jnp.ndim(x)))
+            _unmap(x, a)
             for x, a in zip(out_leaves, _leaf_axes(out_axes, out), strict=True)
         ]
         new = {
-            k: jax.tree_util.tree_map(
-                lambda x, k=k: jnp.moveaxis(x, 0, _norm(axes[k], jnp.ndim(x))), v
-            )
-            if k in mapped_keys
-            else v
+            k: jax.tree_util.tree_map(lambda x, a=axes[k]: _unmap(x, a), v)
             for k, v in new.items()
         }
         return jax.tree_util.tree_unflatten(out_def, out_leaves), new
