@@ -976,3 +976,11 @@ def test_summary_of_abstract_state_and_of_a_file(folder):
 def test_summary_refuses_non_states():
     with pytest.raises(LiftTypeError, match="summary"):
         summary([1, 2])
+
+
+def test_pure_dict_round_trip_through_safetensors(folder):
+    safetensors_flax = pytest.importorskip("safetensors.flax")
+    state = make_state()
+    safetensors_flax.save_file(to_pure_dict(state), folder / "s.safetensors")
+    restored = safetensors_flax.load_file(folder / "s.safetensors")
+    assert_same_state(from_pure_dict(restored, like=state), state)
