@@ -239,6 +239,26 @@ def test_scalar_into_float32_scalar_state():
     assert float(new[tree["t"]]) == 2.0
 
 
+def test_weakly_typed_array_is_cast_to_the_state_dtype(model):
+    tree, state = model
+    _, new = lift.stateful(lambda: lift.set(tree["n"], jnp.asarray(5)))(state)
+    assert new[tree["n"]].dtype == jnp.int32
+    assert not new[tree["n"]].weak_type
+    # so a jitted step sees the same input types on every call and never retraces
+    traces = []
+
+    def step():
+        traces.append(None)
+        tick(tree)
+
+    f = lift.jit(lift.stateful(step))
+    _, s1 = f(state)
+    _, s2 = f(new)
+    assert len(traces) == 1
+    assert int(s1[tree["n"]]) == 1
+    assert int(s2[tree["n"]]) == 6
+
+
 def test_get_with_state_entry_says_export():
     entry = lift.StateEntry(jnp.zeros(()))
     with pytest.raises(TypeError, match="export") as info:
