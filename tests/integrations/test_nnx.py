@@ -1,0 +1,197 @@
+"""lift.nnx: Flax NNX modules under lift give NNX's numbers, bit for bit."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+nnx = pytest.importorskip("flax.nnx")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from jax import lax  # noqa: E402
+
+import lift  # noqa: E402
+import lift.nnx as ln  # noqa: E402
+
+STEPS = 3
+
+
+def assert_same(a: Any, b: Any) -> None:
+    """Same tree structure, and every leaf bitwise equal (same dtype too)."""
+    la, ta = jax.tree_util.tree_flatten(a)
+    lb, tb = jax.tree_util.tree_flatten(b)
+    assert ta == tb
+    for x, y in zip(la, lb, strict=True):
+        assert jnp.result_type(x) == jnp.result_type(y)
+        if jnp.issubdtype(jnp.result_type(x), jax.dtypes.prng_key):
+            x, y = jax.random.key_data(x), jax.random.key_data(y)
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def nnx_state(model: Any) -> dict:
+    """The non-parameter variables of an NNX module, keyed as lift keys them."""
+    pairs = jax.tree_util.tree_flatten_with_path(
+        nnx.state(model, nnx.Not(nnx.Param)),
+        is_leaf=lambda x: isinstance(x, nnx.Variable),
+    )[0]
+    return {lift.StateKey(ln._name(path)): var.get_value() for path, var in pairs}
+
+
+class Net(nnx.Module):
+    """Linear, BatchNorm, Dropout (an RNG stream in its state), ReLU, Linear."""
+
+    def __init__(self, rngs: nnx.Rngs) -> None:
+        self.l1 = nnx.Linear(4, 8, rngs=rngs)
+        self.bn = nnx.BatchNorm(8, momentum=0.9, rngs=rngs)
+        self.drop = nnx.Dropout(0.25, rngs=rngs)
+        self.l2 = nnx.Linear(8, 1, rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = self.drop(self.bn(self.l1(x)))
+        return self.l2(jax.nn.relu(x))[..., 0]
+
+
+def make() -> Net:
+    return Net(nnx.Rngs(params=0, dropout=1))
+
+
+def data() -> tuple[jax.Array, jax.Array]:
+    xs = jax.random.normal(jax.random.key(7), (STEPS, 16, 4))
+    return xs, jnp.sum(xs, axis=-1)
+
+
+def test_keys_are_attribute_paths() -> None:
+    tree, state = ln.from_nnx(make())
+    assert sorted(state) == [
+        lift.StateKey(".bn.mean"),
+        lift.StateKey(".bn.var"),
+        lift.StateKey(".drop.rngs.count"),
+        lift.StateKey(".drop.rngs.key"),
+    ]
+    assert set(tree.keys) == set(state)
+    _, prefixed = ln.from_nnx(make(), prefix="net")
+    assert lift.StateKey("net.bn.mean") in prefixed
+    _, only_stats = ln.from_nnx(make(), nnx.BatchStat)
+    assert sorted(only_stats) == [lift.StateKey(".bn.mean"), lift.StateKey(".bn.var")]
+
+
+def test_training_steps_match_nnx_jit() -> None:
+    model = make()
+    tree, state = ln.from_nnx(make())
+    xs, ts = data()
+
+    @nnx.jit
+    def nnx_step(model: Net, x: jax.Array, t: jax.Array) -> jax.Array:
+        def loss_fn(model: Net) -> jax.Array:
+            return jnp.mean((model(x) - t) ** 2)
+
+        loss, grads = nnx.value_and_grad(loss_fn)(model)
+        params = nnx.state(model, nnx.Param)
+        nnx.update(
+            model, jax.tree_util.tree_map(lambda p, g: p - 0.1 * g, params, grads)
+        )
+        return loss
+
+    @lift.jit
+    @lift.stateful
+    def lift_step(tree: ln.NnxTree, x: jax.Array, t: jax.Array) -> Any:
+        def loss_fn(tree: ln.NnxTree) -> jax.Array:
+            return jnp.mean((ln.lower(tree)(x) - t) ** 2)
+
+        loss, grads = lift.value_and_grad(loss_fn)(tree)
+        return jax.tree_util.tree_map(lambda p, g: p - 0.1 * g, tree, grads), loss
+
+    for x, t in zip(xs, ts, strict=True):
+        loss_nnx = nnx_step(model, x, t)
+        (tree, loss_lift), state = lift_step(state, tree, x, t)
+        assert_same(loss_lift, loss_nnx)
+        assert_same(state, nnx_state(model))
+        assert_same(tree.params, nnx.state(model, nnx.Param))
+    back = ln.to_nnx(tree, state)
+    assert_same(nnx.state(back), nnx.state(model))
+
+
+@pytest.mark.parametrize("mode", ["stateful", "scan"])
+def test_forward_parity_with_nnx(mode: str) -> None:
+    model = make()
+    tree, state = ln.from_nnx(make())
+    xs, _ = data()
+    if mode == "stateful":
+        ys_nnx = jnp.stack([model(x) for x in xs])
+        run = lift.stateful(ln.lower(tree))
+        ys = []
+        for x in xs:
+            y, state = run(state, x)
+            ys.append(y)
+        ys_lift = jnp.stack(ys)
+    else:
+        # NNX's functional API around a raw `lax.scan`: split, merge in the body.
+        graphdef, moved, kept = nnx.split(model, nnx.Not(nnx.Param), ...)
+
+        @jax.jit
+        def nnx_loop(moved: Any, xs: jax.Array) -> Any:
+            def body(moved: Any, x: jax.Array) -> Any:
+                m = nnx.merge(graphdef, moved, kept)
+                y = m(x)
+                return nnx.state(m, nnx.Not(nnx.Param)), y
+
+            return lax.scan(body, moved, xs)
+
+        moved, ys_nnx = nnx_loop(moved, xs)
+        nnx.update(model, moved)
+        lowered = ln.lower(tree)
+        loop = lift.stateful(lambda xs: lift.scan(lambda c, x: (c, lowered(x)), 0, xs))
+        (_, ys_lift), state = lift.jit(loop)(state, xs)
+    assert_same(ys_lift, ys_nnx)
+    assert_same(state, nnx_state(model))
+
+
+def test_evaluation_mode_reads_only() -> None:
+    model = make()
+    model.eval()
+    tree, state = ln.from_nnx(model)
+    x = jnp.ones((2, 4))
+    y, new = lift.stateful(ln.lower(tree), mutable=False)(state, x)
+    assert all(new[k] is state[k] for k in state)
+    assert_same(y, model(x))
+
+
+def test_round_trip() -> None:
+    model = make()
+    back = ln.to_nnx(*ln.from_nnx(model))
+    assert type(back) is Net
+    assert_same(nnx.state(back), nnx.state(model))
+    assert nnx.graphdef(back) == nnx.graphdef(model)
+
+
+def test_to_nnx_checks_keys() -> None:
+    tree, state = ln.from_nnx(make())
+    partial = {k: v for k, v in state.items() if k != ".bn.mean"}
+    with pytest.raises(KeyError, match=r"'\.bn\.mean'"):
+        ln.to_nnx(tree, partial)
+    with pytest.raises(ValueError, match=r"'\.other'"):
+        ln.to_nnx(tree, {**state, lift.StateKey(".other"): jnp.zeros(())})
+    with pytest.raises(TypeError, match="made by `from_nnx`"):
+        ln.to_nnx(make(), state)
+
+
+def test_lower_needs_a_split_module() -> None:
+    with pytest.raises(TypeError, match=r"from_nnx\(module\)"):
+        ln.lower(make())
+
+
+def test_lowered_write_is_checked() -> None:
+    class Grows(nnx.Module):
+        def __init__(self) -> None:
+            self.n = nnx.BatchStat(jnp.zeros(2))
+
+        def __call__(self, x: jax.Array) -> jax.Array:
+            self.n.set_value(jnp.zeros(3))
+            return x
+
+    tree, state = ln.from_nnx(Grows())
+    with pytest.raises(ValueError, match=r"'\.n'"):
+        lift.stateful(ln.lower(tree))(state, jnp.ones(2))
