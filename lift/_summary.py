@@ -15,7 +15,16 @@ __all__ = ["StateSummary", "SummaryRow", "summary"]
 
 
 class SummaryRow(NamedTuple):
-    """One array of a state: its full path, shape, dtype, size and placement."""
+    """One array of a state: its full path, shape, dtype, size and placement.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> from lift import StateKey
+        >>> from lift.io import summary
+        >>> row = summary({StateKey("w"): jnp.zeros((2, 3))}).rows[0]
+        >>> row.path, row.shape, row.dtype, row.nbytes
+        ('w', (2, 3), 'float32', 24)
+    """
 
     path: str
     shape: tuple[int, ...]
@@ -41,6 +50,14 @@ class StateSummary(str):
     Attributes:
         rows: one :class:`SummaryRow` per array.
         total_bytes: the sum of the rows' sizes.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> from lift import StateKey
+        >>> from lift.io import summary
+        >>> table = summary({StateKey("w"): jnp.zeros((256, 1024))})
+        >>> table.total_bytes, table.splitlines()[-1]
+        (1048576, '1 array, 1,048,576 bytes (1.0 MiB)')
     """
 
     rows: tuple[SummaryRow, ...]

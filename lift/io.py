@@ -59,6 +59,7 @@ from typing import Any, BinaryIO
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.core import Tracer
 from numpy.lib import format as npy
 
 from ._errors import LiftTypeError, LiftValueError
@@ -104,7 +105,21 @@ _CHUNK = 1 << 24
 
 
 class StateFileError(LiftValueError):
-    """A file is not a readable lift state file: truncated, damaged, or unknown."""
+    """A file is not a readable lift state file: truncated, damaged, or unknown.
+
+    Example:
+        >>> import os, tempfile
+        >>> from lift.io import StateFileError, load_state
+        >>> with tempfile.TemporaryDirectory() as folder:
+        ...     path = os.path.join(folder, "notes.txt")
+        ...     with open(path, "w") as f:
+        ...         _ = f.write("not a state")
+        ...     try:
+        ...         load_state(path)
+        ...     except StateFileError as err:
+        ...         print("not a readable lift state file" in str(err))
+        True
+    """
 
 
 class StateMismatchError(LiftValueError):
@@ -112,6 +127,19 @@ class StateMismatchError(LiftValueError):
 
     Attributes:
         problems: ``(path, description)`` pairs, one per problem, in path order.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> from lift import StateKey
+        >>> from lift.io import StateMismatchError, from_pure_dict
+        >>> like = {StateKey("a"): jnp.zeros(2), StateKey("b"): jnp.zeros(())}
+        >>> try:
+        ...     from_pure_dict({"a": jnp.zeros(3)}, like=like)
+        ... except StateMismatchError as err:
+        ...     for problem in err.problems:
+        ...         print(problem)
+        ('a', 'shape (3,) in the dict, `like` has (2,)')
+        ('b', 'in `like` but not in the dict')
     """
 
     def __init__(self, message: str, problems: list[tuple[str, str]]) -> None:
@@ -148,7 +176,7 @@ def _dtype_name(dtype: Any) -> str:
 
 
 def _is_key_dtype(dtype: Any) -> bool:
-    return jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key)
+    return jnp.issubdtype(dtype, jax.dtypes.prng_key)
 
 
 def _encode(node: Any) -> Any:
@@ -226,7 +254,7 @@ def _member_name(name: str, index: int, used: set[str]) -> str:
 
 def _to_host(where: str, leaf: Any) -> tuple[np.ndarray, str, str | None]:
     """``(host array to store, JAX dtype name, key impl)`` of one leaf."""
-    if isinstance(leaf, jax.core.Tracer):
+    if isinstance(leaf, Tracer):
         raise LiftTypeError(
             f"`save_state`: the value at {where!r} is a tracer ({leaf.aval}); state "
             "can only be saved outside `jit`/`vmap`/`grad`. Return the state from the "
@@ -569,7 +597,7 @@ class _Archive:
                     )
                 array = np.empty(shape, dtype)
                 if nbytes:
-                    reader.readinto(memoryview(array.reshape(-1).view(np.uint8)))
+                    reader.readinto(array.reshape(-1).view(np.uint8).data)
                 if reader.read(1):
                     raise ValueError("the member has bytes after its array")
             if reader.hash.hexdigest() != leaf.sha256:
@@ -657,7 +685,7 @@ def _sharding_of(like_leaf: Any, path: str, where: str) -> Any:
     """The sharding to place a leaf with: ``like_leaf``'s, made concrete if abstract."""
     sharding = getattr(like_leaf, "sharding", None)
     mesh = getattr(sharding, "mesh", None)
-    if isinstance(mesh, jax.sharding.AbstractMesh):
+    if sharding is not None and isinstance(mesh, jax.sharding.AbstractMesh):
         # `jax.eval_shape` gives shardings over an abstract mesh; the mesh set with
         # `jax.set_mesh` supplies the devices.
         current = jax.sharding.get_mesh()
@@ -675,7 +703,7 @@ def _sharding_of(like_leaf: Any, path: str, where: str) -> Any:
 
 def _to_device(host: np.ndarray, leaf: _Leaf, like_leaf: Any, path: str) -> jax.Array:
     if leaf.key_impl is not None:
-        value = jax.random.wrap_key_data(host, impl=leaf.key_impl)
+        value = jax.random.wrap_key_data(jnp.asarray(host), impl=leaf.key_impl)
     else:
         if host.dtype.str != leaf.stored_dtype or host.dtype.name != leaf.dtype:
             host = host.view(jnp.dtype(leaf.dtype))
