@@ -17,10 +17,10 @@ import pytest
 def standard_promotion() -> Iterator[None]:
     """Standard dtype promotion for the duration of one test.
 
-    The suite runs with strict promotion, but some third-party layers mix dtypes
-    internally (Haiku's and Flax's normalisation layers promote ``float32`` statistics
-    with Python scalars and ``int32`` counters). Those libraries' code is not ours to
-    fix, so the tests that run it use JAX's default rules.
+    The suite runs with strict promotion, but Haiku mixes dtypes internally: its
+    ``ExponentialMovingAverage`` (inside ``hk.BatchNorm``) multiplies Python floats
+    with its ``int32`` counter, which strict promotion refuses. That code is not ours
+    to fix, so the tests that run it use JAX's default rules.
     """
     with jax.numpy_dtype_promotion("standard"):
         yield

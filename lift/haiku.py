@@ -1,0 +1,230 @@
+"""Haiku state under lift: ``hk.transform_with_state`` functions, threaded by frames.
+
+Haiku keeps state in a two-level dict ``{module_name: {name: value}}`` and a transformed
+function is pure: ``apply(params, state, rng, *args) -> (out, state)``. This module
+gives that state lift keys and makes such an ``apply`` implicit:
+
+- :func:`from_haiku` ``(state) -> lift_state``: one key per value, the JAX key path of
+  the value in the dict (``['batch_norm/~/mean_ema']['average']``).
+- :func:`to_haiku` ``(lift_state, like) -> state``: the inverse, shaped like ``like``.
+- :func:`lower` ``(apply, like)``: an implicit ``(params, rng, *args) -> out`` that
+  reads the frame's values for ``like``'s keys, calls ``apply`` and writes back what
+  changed with :func:`lift.set`.
+
+Example:
+    >>> import haiku as hk, jax, jax.numpy as jnp
+    >>> import lift, lift.haiku
+    >>> def count(x):
+    ...     n = hk.get_state("n", (), jnp.int32, init=jnp.zeros)
+    ...     hk.set_state("n", n + 1)
+    ...     return x
+    >>> f = hk.without_apply_rng(hk.transform_with_state(count))
+    >>> params, hk_state = f.init(None, 1.0)
+    >>> state = lift.haiku.from_haiku(hk_state)
+    >>> sorted(state)
+    [StateKey("['~']['n']")]
+    >>> step = lift.stateful(lift.haiku.lower(f.apply, hk_state))
+    >>> out, state = step(state, params, 1.0)
+    >>> int(state[lift.StateKey("['~']['n']")])
+    1
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+try:
+    import haiku as hk
+except ImportError as err:  # pragma: no cover - depends on the environment
+    raise ImportError(
+        "`lift.haiku` needs Haiku, which is not installed. Install it with "
+        "`pip install lift[haiku]`."
+    ) from err
+
+import functools
+
+from ._errors import LiftKeyError, LiftTypeError, LiftValueError, closest
+from ._export import State as LiftState
+from ._frame import get as _get
+from ._frame import set as _set
+from ._keys import StateKey
+
+__all__ = ["from_haiku", "lower", "to_haiku"]
+
+
+def _key(prefix: str, module: str, name: str) -> StateKey:
+    return StateKey(f"{prefix}[{module!r}][{name!r}]")
+
+
+def _items(state: Any, where: str) -> list[tuple[str, str, Any]]:
+    """``(module, name, value)`` of a Haiku state dict, in sorted order."""
+    if not isinstance(state, Mapping) or not all(
+        isinstance(v, Mapping) for v in state.values()
+    ):
+        raise LiftTypeError(
+            f"{where} takes a Haiku state, a dict `{{module_name: {{name: value}}}}` "
+            f"as returned by `transformed.init`; got {type(state).__name__}."
+        )
+    return [
+        (module, name, state[module][name])
+        for module in sorted(state)
+        for name in sorted(state[module])
+    ]
+
+
+def from_haiku(
+    state: Mapping[str, Mapping[str, Any]], *, prefix: str = ""
+) -> LiftState:
+    """Key a Haiku state dict for lift.
+
+    Args:
+        state: ``{module_name: {name: value}}``, as ``init`` and ``apply`` return it.
+        prefix: put in front of every key, so the state can be merged with another.
+
+    Returns:
+        The lift state: ``StateKey("['module']['name']")`` → value (the same objects).
+
+    Raises:
+        LiftTypeError: ``state`` is not a two-level dict.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> import lift.haiku
+        >>> lift.haiku.from_haiku({"linear": {"counter": jnp.zeros((), "int32")}})
+        {StateKey("['linear']['counter']"): Array(0, dtype=int32)}
+    """
+    where = "`lift.haiku.from_haiku`"
+    return {_key(prefix, m, n): v for m, n, v in _items(state, where)}
+
+
+def to_haiku(
+    state: Mapping[StateKey, Any],
+    like: Mapping[str, Mapping[str, Any]],
+    *,
+    prefix: str = "",
+    strict: bool = True,
+) -> dict[str, dict[str, Any]]:
+    """Turn a lift state back into a Haiku state dict shaped like ``like``.
+
+    Args:
+        state: the lift state (possibly updated).
+        like: a Haiku state with the wanted modules and names (its values are unused).
+        prefix: the prefix given to :func:`from_haiku`.
+        strict: a key of ``state`` that ``like`` does not have is an error.
+
+    Returns:
+        ``{module_name: {name: value}}`` with the values of ``state``.
+
+    Raises:
+        LiftKeyError: a value of ``like`` has no key in ``state``.
+        LiftValueError: ``state`` has unused keys (with ``strict``).
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> import lift.haiku
+        >>> hk_state = {"linear": {"counter": jnp.zeros((), "int32")}}
+        >>> state = lift.haiku.from_haiku(hk_state)
+        >>> lift.haiku.to_haiku(state, hk_state) == hk_state
+        True
+    """
+    where = "`lift.haiku.to_haiku`"
+    items = _items(like, where)
+    out: dict[str, dict[str, Any]] = {}
+    for module, name, _ in items:
+        key = _key(prefix, module, name)
+        if key not in state:
+            raise LiftKeyError(
+                f"{where}: no state under {str(key)!r}. {closest(str(key), state)} "
+                "Pass the lift state made by `from_haiku` for this Haiku state."
+            )
+        out.setdefault(module, {})[name] = state[key]
+    if strict and len(state) != len(items):
+        used = {_key(prefix, m, n) for m, n, _ in items}
+        extra = [repr(str(k)) for k in state if k not in used]
+        raise LiftValueError(
+            f"{where}: the state has keys that `like` does not have "
+            f"({', '.join(extra[:3])}). Pass only this model's state "
+            "(`lift.filter_state`), or `strict=False`."
+        )
+    return out
+
+
+def lower(
+    apply: Callable[..., tuple[Any, Any]],
+    like: Mapping[str, Mapping[str, Any]],
+    *,
+    prefix: str = "",
+) -> Callable[..., Any]:
+    """Make a ``hk.transform_with_state`` apply function implicit.
+
+    ``lower(apply, like)(params, *args)`` calls ``apply(params, state, *args)`` with
+    the Haiku state built from the current frame's values of ``like``'s keys, and
+    writes back each value that changed (checked like :func:`lift.set`). ``args`` are
+    what ``apply`` takes after the state: ``rng, x`` for ``hk.transform_with_state``,
+    ``x`` alone after ``hk.without_apply_rng``.
+
+    Args:
+        apply: ``transformed.apply``.
+        like: a Haiku state of the model (from ``init``) naming its modules and
+            values.
+        prefix: the prefix given to :func:`from_haiku`.
+
+    Returns:
+        The implicit ``(params, *args) -> out``.
+
+    Example:
+        >>> import haiku as hk, jax, jax.numpy as jnp
+        >>> import lift, lift.haiku
+        >>> def net(x):
+        ...     return hk.BatchNorm(True, True, 0.9)(x, is_training=True)
+        >>> f = hk.transform_with_state(net)
+        >>> x = jnp.array([[0.0, 2.0], [2.0, 4.0]])
+        >>> with jax.numpy_dtype_promotion("standard"):  # Haiku mixes int and float
+        ...     params, hk_state = f.init(jax.random.key(0), x)
+        ...     lowered = lift.haiku.lower(f.apply, hk_state)
+        ...     _, state = lift.stateful(lowered)(
+        ...         lift.haiku.from_haiku(hk_state), params, None, x)
+        >>> average = state[lift.StateKey("['batch_norm/~/mean_ema']['average']")]
+        >>> average.shape, bool(jnp.allclose(average, jnp.array([[1.0, 3.0]])))
+        ((1, 2), True)
+    """
+    if not callable(apply):
+        raise LiftTypeError(
+            f"`lift.haiku.lower` takes `transformed.apply`; got {type(apply).__name__}."
+        )
+    items = _items(like, "`lift.haiku.lower`")
+    keys = [(module, name, _key(prefix, module, name)) for module, name, _ in items]
+    label = getattr(apply, "__qualname__", "apply")
+
+    @functools.wraps(apply)
+    def implicit(params: Any, *args: Any, **kwargs: Any) -> Any:
+        hk_state: dict[str, dict[str, Any]] = {}
+        old = {}
+        for module, name, key in keys:
+            old[key] = hk_state.setdefault(module, {})[name] = _get(key)
+        result = apply(params, hk_state, *args, **kwargs)
+        if not (isinstance(result, tuple) and len(result) == 2):
+            raise LiftValueError(
+                f"`lift.haiku.lower({label})`: `apply` must return `(out, state)` as "
+                "`hk.transform_with_state` makes it; got "
+                f"{type(result).__name__}."
+            )
+        out, new = result
+        new_items = _items(new, f"`lift.haiku.lower({label})`")
+        if len(new_items) != len(keys):
+            raise LiftValueError(
+                f"`lift.haiku.lower({label})`: `apply` returned {len(new_items)} state "
+                f"values but was given {len(keys)}; state is never added silently. "
+                "Initialise it with `transformed.init` and pass that state as `like`."
+            )
+        for module, name, key in keys:
+            value = new[module][name]
+            if value is not old[key]:
+                _set(key, value)
+        return out
+
+    return implicit
+
+
+del hk
