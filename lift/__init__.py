@@ -21,6 +21,8 @@ from ._keys import StateEntry as StateEntry
 from ._keys import StateKey as StateKey
 from ._lifting import Lifted as Lifted
 from ._lifting import lift_transform as lift_transform
+from ._shard import pmap as pmap
+from ._shard import shard_map as shard_map
 from ._transforms import checkpoint as checkpoint
 from ._transforms import cond as cond
 from ._transforms import eval_shape as eval_shape
@@ -34,9 +36,15 @@ from ._transforms import value_and_grad as value_and_grad
 from ._transforms import vmap as vmap
 from ._transforms import while_loop as while_loop
 
+from .io import from_pure_dict as from_pure_dict
+from .io import load_state as load_state
+from .io import save_state as save_state
+from .io import summary as summary
+from .io import to_pure_dict as to_pure_dict
+
 __version__ = "0.1.0"
 
-__all__ = [
+__all__ = [  # noqa: RUF022 - grouped: errors, trees, frames, transforms, io
     "FrameError",
     "Lifted",
     "LiftError",
@@ -57,12 +65,19 @@ __all__ = [
     "lower",
     "merge_states",
     "partition_state",
+    "pmap",
     "remat",
     "scan",
     "set",
+    "shard_map",
     "stateful",
     "switch",
     "update_state",
+    "save_state",
+    "load_state",
+    "to_pure_dict",
+    "from_pure_dict",
+    "summary",
     "value_and_grad",
     "vmap",
     "while_loop",

@@ -16,6 +16,7 @@ import numpy as np
 
 from ._errors import LiftKeyError, LiftTypeError, LiftValueError, closest, describe
 from ._keys import StateEntry, StateKey, matches
+from ._tracing import _ArrayImpl as ArrayImpl
 
 __all__ = [
     "State",
@@ -34,9 +35,7 @@ T = TypeVar("T")
 
 _registry = jax.tree_util.default_registry
 # Types that are always leaves, so the walk need not ask JAX's registry about them.
-_LEAF_TYPES = frozenset(
-    {int, float, complex, bool, str, bytes, np.ndarray, type(jax.numpy.zeros(()))}
-)
+_LEAF_TYPES = frozenset({int, float, complex, bool, str, bytes, np.ndarray, ArrayImpl})
 
 
 class _Paths:
@@ -65,6 +64,11 @@ class _Paths:
         elif kind is list or kind is tuple:
             for i, child in enumerate(node):
                 self.walk(child, f"{path}[{i}]")
+        elif isinstance(node, tuple) and hasattr(kind, "_fields"):
+            # A namedtuple. (JAX 0.10.2's `flatten_one_level_with_keys` repeats the
+            # first field's key for every child, so its keys cannot be used here.)
+            for name, child in zip(kind._fields, node, strict=True):
+                self.walk(child, f"{path}.{name}")
         else:
             flat = _registry.flatten_one_level_with_keys(node)
             if flat is not None:
@@ -76,8 +80,8 @@ def _is_key(node: Any) -> bool:
     return type(node) is StateKey
 
 
-def _is_entry_or_key(node: Any) -> bool:
-    return type(node) is StateEntry or type(node) is StateKey
+def _is_entry(node: Any) -> bool:
+    return type(node) is StateEntry
 
 
 # Keys depend only on the tree structure, where its entries are, and which of them are
@@ -171,11 +175,13 @@ def export_state(
     enabled = gc.isenabled()
     gc.disable()
     try:
+        # Keys already in the tree stay nodes, so they are part of `treedef` (and of
+        # the cache key: a tree whose old keys differ is walked, and checked, anew).
         if is_leaf is None:
-            leaves, treedef = jax.tree_util.tree_flatten(tree, is_leaf=_is_entry_or_key)
+            leaves, treedef = jax.tree_util.tree_flatten(tree, is_leaf=_is_entry)
         else:
             leaves, treedef = jax.tree_util.tree_flatten(
-                tree, is_leaf=lambda x: _is_entry_or_key(x) or is_leaf(x)
+                tree, is_leaf=lambda x: _is_entry(x) or is_leaf(x)
             )
         positions = [i for i, x in enumerate(leaves) if type(x) is StateEntry]
         if not positions:
@@ -217,6 +223,11 @@ def import_state(tree: T, state: Mapping[StateKey, Any], *, strict: bool = True)
         >>> import_state(tree, state)
         [StateEntry(float32[2])]
     """
+    if not isinstance(state, Mapping):
+        raise LiftTypeError(
+            "`import_state` takes the state dict that `export_state` returned as its "
+            f"second argument; got {type(state).__name__}."
+        )
     entries: dict[StateKey, StateEntry] = {}
     missing: list[str] = []
     enabled = gc.isenabled()
@@ -260,15 +271,32 @@ def _avals(value: Any) -> list[tuple[tuple[int, ...], Any, bool]]:
     ]
 
 
+_SCALARS = (bool, int, float, complex)
+# A weakly typed value (a Python number, or an array computed only from them) takes the
+# state's dtype when that loses nothing: bool < int < float < complex.
+_RANK = {"b": 0, "i": 1, "u": 1, "f": 2, "V": 2, "c": 3}
+
+
 def _is_weak(x: Any) -> bool:
-    return type(x) in (int, float, complex, bool) or bool(getattr(x, "weak_type", False))
+    return type(x) in _SCALARS or bool(getattr(x, "weak_type", False))
+
+
+def _weak_fits(new: Any, old_dtype: Any) -> bool:
+    kind = np.dtype(jax.dtypes.result_type(new)).kind
+    if type(new) in _SCALARS:
+        kind = {bool: "b", int: "i", float: "f", complex: "c"}[type(new)]
+    old_kind = np.dtype(old_dtype).kind if not jax.dtypes.issubdtype(
+        old_dtype, jax.dtypes.prng_key
+    ) else "key"
+    return old_kind in _RANK and _RANK.get(kind, 9) <= _RANK[old_kind]
 
 
 def check_value(key: StateKey, old: Any, new: Any, *, where: str) -> Any:
     """Validate ``new`` as the next value of ``key``; return it, cast where harmless.
 
     The pytree structure, shapes and dtypes must match ``old``. A weakly typed value
-    (a Python scalar, or an array derived only from them) takes ``old``'s dtype.
+    (a Python number, or an array derived only from them) is cast to ``old``'s dtype
+    when no information is lost (an int into a float state, not a float into an int).
     """
     old_leaves, old_def = jax.tree_util.tree_flatten(old)
     new_leaves, new_def = jax.tree_util.tree_flatten(new)
@@ -280,21 +308,23 @@ def check_value(key: StateKey, old: Any, new: Any, *, where: str) -> Any:
         )
     out = []
     changed = False
-    for old_leaf, new_leaf in zip(old_leaves, new_leaves):
+    for old_leaf, new_leaf in zip(old_leaves, new_leaves, strict=True):
         old_shape, new_shape = np.shape(old_leaf), np.shape(new_leaf)
         old_dtype = jax.dtypes.result_type(old_leaf)
-        new_dtype = jax.dtypes.result_type(new_leaf)
-        if old_shape != new_shape or old_dtype != new_dtype:
-            if old_shape == new_shape and _is_weak(new_leaf) and not _is_weak(old_leaf):
+        weak = _is_weak(new_leaf)
+        if old_shape == new_shape and weak and _weak_fits(new_leaf, old_dtype):
+            if type(new_leaf) in _SCALARS or new_leaf.dtype != old_dtype or (
+                not _is_weak(old_leaf)
+            ):
                 new_leaf = jax.numpy.asarray(new_leaf, dtype=old_dtype)
                 changed = True
-            else:
-                raise LiftValueError(
-                    f"{where}: the new value of {str(key)!r} is {describe(new)}, but the "
-                    f"state holds {describe(old)}. State keeps its shape and dtype: "
-                    f"cast with `.astype({old_dtype})` or reshape before writing, or "
-                    "build the entry with the shape you need."
-                )
+        elif old_shape != new_shape or old_dtype != jax.dtypes.result_type(new_leaf):
+            raise LiftValueError(
+                f"{where}: the new value of {str(key)!r} is {describe(new)}, but the "
+                f"state holds {describe(old)}. State keeps its shape and dtype: "
+                f"cast with `.astype({old_dtype})` or reshape before writing, or "
+                "build the entry with the shape you need."
+            )
         out.append(new_leaf)
     return new_def.unflatten(out) if changed else new
 
@@ -321,6 +351,13 @@ def update_state(state: Mapping[StateKey, Any], mutation: Mapping[StateKey, Any]
         >>> int(new[tree["n"]]), int(state[tree["n"]])
         (1, 0)
     """
+    for name, arg in (("state", state), ("mutation", mutation)):
+        if not isinstance(arg, Mapping):
+            raise LiftTypeError(
+                f"`update_state`: {name} must be a dict {{StateKey: value}}; got "
+                f"{type(arg).__name__}. Build it with keys from the exported tree: "
+                "`{tree['bn']['mean']: value}`."
+            )
     new = dict(state)
     for key, value in mutation.items():
         if key not in state:

@@ -47,12 +47,17 @@ class _NeedRefs(BaseException):
 class Frame:
     """The state of one :func:`stateful` call, read and written by get/set."""
 
-    __slots__ = ("mutable", "name", "refs", "state", "trace")
+    __slots__ = ("mutable", "name", "refs", "state", "trace", "why")
 
     def __init__(self, state: Mapping[Any, Any], *, mutable: bool, name: str,
-                 refs: bool = False) -> None:
+                 refs: bool = False, why: str | None = None) -> None:
         self.state: State = dict(state)
         self.mutable = mutable
+        # Why the frame is read-only, for the error; inference mode by default.
+        self.why = why or (
+            "it was made by `stateful(..., mutable=False)` (inference mode), where "
+            "state is read-only. Use `mutable=True` to update state."
+        )
         self.name = name
         self.trace = get_opaque_trace_state()
         # In reference mode every value lives in a JAX array reference created in the
@@ -85,9 +90,8 @@ class Frame:
         """A checked write, as done by :func:`set`."""
         if not self.mutable:
             raise FrameError(
-                f"`lift.set({key!r}, ...)` in an immutable frame ({self.name}): it was "
-                "made by `stateful(..., mutable=False)` (inference mode), where state is "
-                "read-only. Use `mutable=True` to update state."
+                f"`lift.set({key!r}, ...)` in an immutable frame ({self.name}): "
+                f"{self.why}"
             )
         if key not in self.state:
             raise self._missing(key, "set")
@@ -192,7 +196,8 @@ def _check_key(key: Any, what: str) -> None:
         )
     raise LiftTypeError(
         f"`lift.{what}` takes a StateKey (or its path string); got "
-        f"{type(key).__name__}: {key!r}."
+        f"{type(key).__name__}: {key!r}. Pass a key from the tree that "
+        "`lift.export_state` returned, e.g. `lift.get(tree['bn']['mean'])`."
     )
 
 
@@ -244,7 +249,7 @@ def set(key: StateKey | str, value: Any) -> None:  # noqa: A001 - the contract's
 
 def run_in_frame(
     f: Callable[..., R], state: Mapping[Any, Any], args: Any, kwargs: Any, *,
-    mutable: bool, name: str, refs: list[bool],
+    mutable: bool, name: str, refs: list[bool], why: str | None = None,
 ) -> tuple[R, State]:
     """Call ``f(*args, **kwargs)`` in a new frame over ``state``.
 
@@ -252,7 +257,7 @@ def run_in_frame(
     wrote state inside a transform lift does not own), later calls start with them.
     """
     while True:
-        frame = Frame(state, mutable=mutable, name=name, refs=refs[0])
+        frame = Frame(state, mutable=mutable, name=name, refs=refs[0], why=why)
         token = _FRAME.set(frame)
         try:
             out = f(*args, **kwargs)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fnmatch
+import json
 import re
 from typing import Any, Generic, TypeVar
 
@@ -35,8 +36,8 @@ class StateKey(str):
     __slots__ = ()
 
     def __repr__(self) -> str:
-        escaped = self.replace("\\", "\\\\").replace('"', '\\"')
-        return f'StateKey("{escaped}")'
+        # Double quotes (paths are full of single ones), one line, valid Python.
+        return f"StateKey({json.dumps(str(self), ensure_ascii=False)})"
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (StateKey, (str(self),))

@@ -33,14 +33,16 @@ class Pure:
     """
 
     __slots__ = (
-        "__weakref__", "f", "has_static_out", "keep_scalars", "mutable", "name", "refs"
+        "__weakref__", "f", "has_static_out", "keep_scalars", "mutable", "name",
+        "refs", "why",
     )
 
     def __init__(
         self, f: Callable[..., Any], *, mutable: bool, name: str,
-        keep_scalars: bool = False,
+        keep_scalars: bool = False, why: str | None = None,
     ) -> None:
         self.f = f
+        self.why = why
         self.keep_scalars = keep_scalars
         self.mutable = mutable
         self.name = name
@@ -51,7 +53,7 @@ class Pure:
         args, kwargs = unmask((args, kwargs))
         out, new = run_in_frame(
             self.f, state, args, kwargs, mutable=self.mutable, name=self.name,
-            refs=self.refs,
+            refs=self.refs, why=self.why,
         )
         out, static = mask(out, keep_scalars=self.keep_scalars)
         if static:

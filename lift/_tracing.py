@@ -19,7 +19,12 @@ try:
 except ImportError:  # pragma: no cover - a future JAX
     _BatchTracer = None
 
-_ARRAY_TYPES: set[type] = {type(jax.numpy.zeros(()))}
+try:  # the concrete array class, named without starting a backend
+    from jax._src.array import ArrayImpl as _ArrayImpl
+except ImportError:  # pragma: no cover - a future JAX
+    _ArrayImpl = jax.Array
+
+_ARRAY_TYPES: set[type] = {_ArrayImpl}
 
 
 def is_array(x: Any) -> bool:
@@ -43,9 +48,28 @@ def batched_here(x: Any) -> bool:
 
 
 def dead_tracer(x: Any) -> bool:
-    """Whether ``x`` is a tracer whose transform has already finished (a leak)."""
+    """Whether ``x`` is a tracer that does not belong to the transforms running now.
+
+    A tracer is alive while its trace is the current one or encloses it; any other
+    tracer has leaked out of a transform that has finished (or never enclosed us).
+    """
     if not isinstance(x, _core.Tracer):
         return False
     trace = getattr(x, "_trace", None)
-    is_valid = getattr(trace, "is_valid", None)
-    return is_valid is not None and not is_valid()
+    current = _core.trace_ctx.trace
+    while current is not None:
+        if current is trace:
+            return False
+        parent = getattr(current, "parent_trace", _UNKNOWN)
+        if parent is _UNKNOWN:
+            # The root (eager) trace has no parent: we saw the whole chain. Any other
+            # trace without one leaves us unsure; fall back to JAX's own validity flag.
+            if isinstance(current, _core.EvalTrace):
+                return True
+            is_valid = getattr(trace, "is_valid", None)
+            return is_valid is not None and not is_valid()
+        current = parent
+    return True
+
+
+_UNKNOWN = object()

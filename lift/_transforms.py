@@ -45,8 +45,10 @@ def _deleted_keys(tree: Any) -> list[str]:
     for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
         is_deleted = getattr(leaf, "is_deleted", None)
         if is_deleted is not None and is_deleted():
-            found.append(jax.tree_util.keystr(path))
-    return found
+            # Name a state entry by its key alone, not by where the dict was passed.
+            keys = [k.key for k in path if type(getattr(k, "key", None)) is StateKey]
+            found.append(repr(str(keys[-1])) if keys else jax.tree_util.keystr(path))
+    return list(dict.fromkeys(found))
 
 
 def _donated_error(args: Any, err: Exception) -> Exception:
@@ -59,6 +61,14 @@ def _donated_error(args: Any, err: Exception) -> Exception:
         "Use the state that call returned, not the one you passed in; to keep the old "
         "one, copy it first (`jax.tree.map(jnp.copy, state)`) or drop `donate_state`."
     )
+
+
+def _refuse_consumed(tree: Any) -> None:
+    """Raise before dispatch if a donated buffer is reused (XLA may crash on it)."""
+    for leaf in jax.tree_util.tree_leaves(tree):
+        is_deleted = getattr(leaf, "is_deleted", None)
+        if is_deleted is not None and is_deleted():
+            raise _donated_error(tree, RuntimeError("deleted"))
 
 
 class _Jit(Lifted):
@@ -85,6 +95,8 @@ class _Jit(Lifted):
         return out
 
     def _run(self, pures: Sequence[Pure], state: State, *args: Any, **kwargs: Any) -> Any:
+        if self._donate:
+            _refuse_consumed(state)
         fn = self._jitted.get(pures[0])
         if fn is None:
             if self._donate and _FRAME.get() is None:
@@ -101,6 +113,8 @@ class _Jit(Lifted):
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         try:
+            if self._donate and args and _FRAME.get() is None:
+                _refuse_consumed(args[0])
             if self._direct_ok and _FRAME.get() is None:
                 leaves = _flatten((args, kwargs) if kwargs else args)[0]
                 if _ARRAY_TYPES.issuperset(map(type, leaves)) or all(
@@ -446,7 +460,11 @@ def while_loop(cond_fun: Callable, body_fun: Callable, init_val: Any) -> Any:
     """
 
     def run(pures: Sequence[Pure], state: State, init: Any) -> Any:
-        test = Pure(pures[0].f, mutable=False, name=pures[0].name)
+        test = Pure(
+            pures[0].f, mutable=False, name=pures[0].name, keep_scalars=True,
+            why="it runs the `cond_fun` of `lift.while_loop`, which may read state but "
+            "not write it. Move the write into `body_fun`.",
+        )
         val, state = lax.while_loop(
             lambda c: test(c[1], c[0])[0], lambda c: pures[1](c[1], c[0]), (init, state)
         )
@@ -498,9 +516,13 @@ def _refuse_state(args: tuple, argnums: Sequence[int], what: str) -> None:
             for x in jax.tree_util.tree_leaves(arg, is_leaf=lambda x: type(x) is StateEntry)
         )
         if is_state or has_entry:
+            if is_state:
+                kind = f"a state dict with keys such as {str(next(iter(arg)))!r}"
+            else:
+                kind = "a tree holding StateEntry"
             raise LiftTypeError(
                 f"`lift.{what}` was asked for a gradient with respect to state (argument "
-                f"{i} is {'a state dict' if is_state else 'a tree holding StateEntry'}). "
+                f"{i} is {kind}). "
                 "State is threaded as auxiliary output and never differentiated: "
                 "differentiate with respect to the parameters, export the state with "
                 "`export_state` and let lift thread it (call inside `lift.stateful`)."

@@ -99,12 +99,6 @@ print("backends:", sorted(xla_bridge._backends))
 """
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="`import lift` builds `type(jax.numpy.zeros(()))` at import time "
-    "(lift/_export.py, lift/_tracing.py), which starts the XLA backend, so "
-    "jax.distributed.initialize() can no longer be called after it (reported)",
-)
 def test_import_lift_starts_no_backend():
     # `jax.distributed.initialize()` must come before any backend starts; importing
     # lift first is what users do.

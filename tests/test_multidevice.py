@@ -386,11 +386,6 @@ except lift.LiftError as err:
 """
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="jax 0.10.2 on CPU segfaults when a donated multi-device array is passed "
-    "to jit again; lift.jit must check `is_deleted()` before dispatch (reported)",
-)
 def test_reusing_donated_sharded_state_is_an_error():
     # In a subprocess: without lift's check the process dies with SIGSEGV.
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
