@@ -155,7 +155,7 @@ def export_state(
     Raises:
         LiftValueError: a new key equals a key already in the tree.
 
-    Example:
+    Examples:
         >>> import jax.numpy as jnp
         >>> from lift import StateEntry, export_state
         >>> tree, state = export_state({"w": jnp.ones(2), "bn": {"mean": StateEntry(jnp.zeros(2))}})
@@ -216,7 +216,7 @@ def import_state(tree: T, state: Mapping[StateKey, Any], *, strict: bool = True)
         LiftKeyError: keys of ``tree`` missing from ``state`` (all of them are listed),
             or, when ``strict``, keys of ``state`` not used by ``tree``.
 
-    Example:
+    Examples:
         >>> import jax.numpy as jnp
         >>> from lift import StateEntry, export_state, import_state
         >>> tree, state = export_state([StateEntry(jnp.zeros(2))])
@@ -343,7 +343,7 @@ def update_state(state: Mapping[StateKey, Any], mutation: Mapping[StateKey, Any]
         LiftKeyError: a key of ``mutation`` is not in ``state``.
         LiftValueError: a new value changes the structure, shape or dtype.
 
-    Example:
+    Examples:
         >>> import jax.numpy as jnp
         >>> from lift import StateEntry, export_state, update_state
         >>> tree, state = export_state({"n": StateEntry(jnp.zeros((), "int32"))})
@@ -375,7 +375,7 @@ def merge_states(*states: Mapping[StateKey, Any]) -> State:
     Raises:
         LiftValueError: a key appears in two of the states.
 
-    Example:
+    Examples:
         >>> import jax.numpy as jnp
         >>> from lift import StateEntry, export_state, merge_states
         >>> _, a = export_state(StateEntry(jnp.zeros(1)), prefix="a")
@@ -423,7 +423,7 @@ def filter_state(state: Mapping[StateKey, Any], *filters: Filter) -> State:
     matched in dotted form, ``['bn'][0]`` as ``bn.0``), a :class:`StateKey`, a type of
     the value, or a predicate ``(key, value) -> bool``.
 
-    Example:
+    Examples:
         >>> import jax.numpy as jnp
         >>> from lift import StateEntry, export_state, filter_state
         >>> _, state = export_state({"bn": {"mean": StateEntry(jnp.zeros(1))}, "n": StateEntry(0)})
@@ -442,7 +442,7 @@ def partition_state(
     A key goes to the first filter it matches. ``merge_states`` of the parts is the
     original state.
 
-    Example:
+    Examples:
         >>> import jax.numpy as jnp
         >>> from lift import StateEntry, export_state, partition_state
         >>> _, state = export_state({"bn": StateEntry(jnp.zeros(1)), "n": StateEntry(0)})

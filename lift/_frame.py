@@ -208,7 +208,7 @@ def get(key: StateKey | str) -> Any:
         FrameError: called outside a frame.
         LiftKeyError: the frame has no such key.
 
-    Example:
+    Examples:
         >>> import jax.numpy as jnp
         >>> import lift
         >>> tree, state = lift.export_state({"count": lift.StateEntry(jnp.zeros(()))})
@@ -232,7 +232,7 @@ def set(key: StateKey | str, value: Any) -> None:  # noqa: A001 - the contract's
         LiftValueError: the value changes structure, shape or dtype.
         TraceError: the value is traced by a transform the frame does not own.
 
-    Example:
+    Examples:
         >>> import jax.numpy as jnp
         >>> import lift
         >>> tree, state = lift.export_state({"count": lift.StateEntry(jnp.zeros(()))})
@@ -284,7 +284,7 @@ def stateful(f: Callable[P, R], *, mutable: bool = True) -> Callable[..., tuple[
     Returns:
         The pure function ``(state, *args, **kwargs) -> (out, new_state)``.
 
-    Example:
+    Examples:
         >>> import jax.numpy as jnp
         >>> import lift
         >>> model, state = lift.export_state({"n": lift.StateEntry(jnp.zeros((), "int32"))})
@@ -322,7 +322,7 @@ def lower(g: Callable[..., tuple[R, Mapping[Any, Any]]]) -> Callable[..., R]:
     writes back what ``g`` returns (each value checked as by :func:`set`).
     ``lower(stateful(f))`` behaves like ``f``.
 
-    Example:
+    Examples:
         >>> import jax.numpy as jnp
         >>> import lift
         >>> tree, state = lift.export_state({"n": lift.StateEntry(jnp.zeros(()))})

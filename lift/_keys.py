@@ -24,7 +24,7 @@ class StateKey(str):
     through plain :func:`jax.jit`, :func:`jax.vmap` and :func:`jax.lax.scan` with the
     key as part of the tree structure.
 
-    Example:
+    Examples:
         >>> from lift import StateKey
         >>> key = StateKey("['bn']['mean']")
         >>> str(key), key < StateKey("['bn']['var']")
@@ -63,7 +63,7 @@ class StateEntry(Generic[T]):
     so a constructor that builds entries can itself run under :func:`jax.vmap` (an
     ensemble) and the values come out batched.
 
-    Example:
+    Examples:
         >>> import jax.numpy as jnp
         >>> from lift import StateEntry
         >>> entry = StateEntry(jnp.zeros(3))
@@ -120,7 +120,7 @@ def dotted(path: str) -> str:
 def matches(path: str, pattern: str) -> bool:
     """Whether a glob ``pattern`` matches a key path, in its raw or dotted form.
 
-    Example:
+    Examples:
         >>> from lift._keys import matches
         >>> matches(".layers[0].bn.mean", "*.bn.*"), matches("['bn']['var']", "bn.*")
         (True, True)

@@ -67,6 +67,28 @@ class Lifted:
     Inside a frame it threads that frame's state through the transform; outside any
     frame it runs with no implicit state (so ``f`` may be a pure function taking the
     state explicitly, as made by :func:`lift.stateful`).
+
+    Args:
+        fns: the implicit functions (one, or several for branches and loops).
+        run: ``run(pures, state, *args, **kwargs) -> (out, new_state)`` applies the
+            JAX transform to the pure functions ``pure(state, *args) -> (out, state)``
+            (one per function in ``fns``) and calls the result.
+        name: the transform's name, for error messages.
+        static_args: make non-array leaves of the arguments static.
+        keep_scalars: keep Python numbers dynamic (as ``lax`` control flow does).
+
+    Examples:
+        >>> import jax, jax.numpy as jnp
+        >>> import lift
+        >>> def run(pures, state, *args):  # the pure function, under jax.jit
+        ...     return jax.jit(pures[0])(state, *args)
+        >>> tree, state = lift.export_state({"n": lift.StateEntry(jnp.zeros(()))})
+        >>> def tick(x):
+        ...     lift.set(tree["n"], lift.get(tree["n"]) + x)
+        ...     return x
+        >>> my_jit = lift.Lifted((tick,), run, name="my_jit")
+        >>> lift.stateful(my_jit)(state, 1.0)[1][tree["n"]]
+        Array(1., dtype=float32)
     """
 
     def __init__(
@@ -135,7 +157,7 @@ def lift_transform(
     Returns:
         The lifted transform.
 
-    Example:
+    Examples:
         >>> import jax, jax.numpy as jnp
         >>> import lift
         >>> named = lift.lift_transform(jax.named_call)

@@ -160,7 +160,7 @@ def shard_map(
     Raises:
         LiftValueError: a device-varying value was written into replicated state.
 
-    Example:
+    Examples:
         >>> import jax, jax.numpy as jnp
         >>> from jax import lax
         >>> from jax.sharding import Mesh, PartitionSpec as P
@@ -303,7 +303,7 @@ def pmap(
     Returns:
         The implicit function.
 
-    Example:
+    Examples:
         >>> import jax, jax.numpy as jnp
         >>> from jax import lax
         >>> import lift

@@ -17,7 +17,7 @@ __all__ = ["StateSummary", "SummaryRow", "summary"]
 class SummaryRow(NamedTuple):
     """One array of a state: its full path, shape, dtype, size and placement.
 
-    Example:
+    Examples:
         >>> import jax.numpy as jnp
         >>> from lift import StateKey
         >>> from lift.io import summary
@@ -51,7 +51,7 @@ class StateSummary(str):
         rows: one :class:`SummaryRow` per array.
         total_bytes: the sum of the rows' sizes.
 
-    Example:
+    Examples:
         >>> import jax.numpy as jnp
         >>> from lift import StateKey
         >>> from lift.io import summary
@@ -165,7 +165,7 @@ def summary(state: Mapping[Any, Any] | str | os.PathLike[str]) -> StateSummary:
         A :class:`StateSummary`: a ``str`` (print it) with ``.rows`` and
         ``.total_bytes``.
 
-    Example:
+    Examples:
         >>> import jax.numpy as jnp
         >>> from lift import StateEntry, export_state
         >>> from lift.io import summary

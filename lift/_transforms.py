@@ -152,7 +152,7 @@ def jit(
         **jit_kwargs: passed to :func:`jax.jit` (``in_shardings``, ``out_shardings``,
             ``keep_unused``, ...).
 
-    Example:
+    Examples:
         >>> import jax.numpy as jnp
         >>> import lift
         >>> tree, state = lift.export_state({"n": lift.StateEntry(jnp.zeros(()))})
@@ -271,7 +271,7 @@ def vmap(
     ensemble whose entries were built under ``vmap``) is mapped over that argument's
     axis without being named. Writing a batched value into shared state is an error.
 
-    Example:
+    Examples:
         >>> import jax.numpy as jnp
         >>> import lift
         >>> tree, state = lift.export_state({"total": lift.StateEntry(jnp.zeros(()))})
@@ -365,7 +365,7 @@ def scan(
     reads. ``state_axes={filter: axis}`` scans over state stacked along ``axis`` instead
     (one slice per step, as in scan over layers) and restacks the new values.
 
-    Example:
+    Examples:
         >>> import jax.numpy as jnp
         >>> import lift
         >>> tree, state = lift.export_state({"n": lift.StateEntry(jnp.zeros(()))})
@@ -403,7 +403,7 @@ def scan(
 def cond(pred: Any, true_fun: Callable, false_fun: Callable, *operands: Any) -> Any:
     """:func:`jax.lax.cond` that threads state: the branch that does not run never writes.
 
-    Example:
+    Examples:
         >>> import jax.numpy as jnp
         >>> import lift
         >>> tree, state = lift.export_state({"n": lift.StateEntry(jnp.zeros(()))})
@@ -426,7 +426,7 @@ def cond(pred: Any, true_fun: Callable, false_fun: Callable, *operands: Any) -> 
 def switch(index: Any, branches: Sequence[Callable], *operands: Any) -> Any:
     """:func:`jax.lax.switch` that threads state: only the chosen branch writes.
 
-    Example:
+    Examples:
         >>> import jax.numpy as jnp
         >>> import lift
         >>> tree, state = lift.export_state({"n": lift.StateEntry(jnp.zeros(()))})
@@ -447,7 +447,7 @@ def switch(index: Any, branches: Sequence[Callable], *operands: Any) -> Any:
 def while_loop(cond_fun: Callable, body_fun: Callable, init_val: Any) -> Any:
     """:func:`jax.lax.while_loop` that carries state; ``cond_fun`` may read it.
 
-    Example:
+    Examples:
         >>> import jax.numpy as jnp
         >>> import lift
         >>> tree, state = lift.export_state({"n": lift.StateEntry(jnp.zeros(()))})
@@ -480,7 +480,7 @@ def fori_loop(
 ) -> Any:
     """:func:`jax.lax.fori_loop` that carries state.
 
-    Example:
+    Examples:
         >>> import jax.numpy as jnp
         >>> import lift
         >>> tree, state = lift.export_state({"n": lift.StateEntry(jnp.zeros(()))})
@@ -539,7 +539,7 @@ def value_and_grad(
 ) -> Lifted:
     """:func:`jax.value_and_grad` that threads state as auxiliary output.
 
-    Example:
+    Examples:
         >>> import jax.numpy as jnp
         >>> import lift
         >>> tree, state = lift.export_state({"calls": lift.StateEntry(jnp.zeros(()))})
@@ -594,7 +594,7 @@ def grad(
 ) -> Lifted:
     """:func:`jax.grad` that threads state as auxiliary output (never differentiated).
 
-    Example:
+    Examples:
         >>> import jax.numpy as jnp
         >>> import lift
         >>> lift.grad(lambda w: jnp.sum(w**2))(jnp.ones(2))
@@ -614,7 +614,7 @@ def checkpoint(
 ) -> Lifted:
     """:func:`jax.checkpoint` (``remat``) that threads state.
 
-    Example:
+    Examples:
         >>> import jax, jax.numpy as jnp
         >>> import lift
         >>> jax.grad(lift.checkpoint(lambda x: 3 * x**2))(1.0)
@@ -635,7 +635,7 @@ remat = checkpoint
 def eval_shape(f: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
     """:func:`jax.eval_shape` of an implicit function; the state is read, not written.
 
-    Example:
+    Examples:
         >>> import jax.numpy as jnp
         >>> import lift
         >>> lift.eval_shape(lambda x: x @ x.T, jnp.ones((3, 2)))

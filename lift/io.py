@@ -107,7 +107,7 @@ _CHUNK = 1 << 24
 class StateFileError(LiftValueError):
     """A file is not a readable lift state file: truncated, damaged, or unknown.
 
-    Example:
+    Examples:
         >>> import os, tempfile
         >>> from lift.io import StateFileError, load_state
         >>> with tempfile.TemporaryDirectory() as folder:
@@ -128,7 +128,7 @@ class StateMismatchError(LiftValueError):
     Attributes:
         problems: ``(path, description)`` pairs, one per problem, in path order.
 
-    Example:
+    Examples:
         >>> import jax.numpy as jnp
         >>> from lift import StateKey
         >>> from lift.io import StateMismatchError, from_pure_dict
@@ -402,7 +402,7 @@ def save_state(path: PathLike, state: Mapping[StateKey, Any]) -> None:
         FileNotFoundError: the folder of ``path`` does not exist.
         OSError: the folder is not writable, or the disk is full.
 
-    Example:
+    Examples:
         >>> import os, tempfile
         >>> import jax, jax.numpy as jnp
         >>> from lift import StateEntry, export_state
@@ -755,7 +755,7 @@ def load_state(
         LiftValueError: the file holds 64-bit arrays and 64-bit JAX is off, or a value
             needs ``like`` to be rebuilt.
 
-    Example:
+    Examples:
         >>> import os, tempfile
         >>> import jax.numpy as jnp
         >>> from lift import StateEntry, export_state
@@ -951,7 +951,7 @@ def to_pure_dict(state: Mapping[StateKey, Any]) -> dict[str, Any]:
     Raises:
         LiftValueError: two leaves would get the same path.
 
-    Example:
+    Examples:
         >>> import jax.numpy as jnp
         >>> from lift import StateEntry, export_state
         >>> from lift.io import to_pure_dict
@@ -998,7 +998,7 @@ def from_pure_dict(d: Mapping[str, Any], *, like: Mapping[StateKey, Any]) -> Sta
         StateMismatchError: (a ``LiftValueError``) ``d`` does not match ``like``;
             ``.problems`` lists every difference.
 
-    Example:
+    Examples:
         >>> import jax, jax.numpy as jnp
         >>> from lift import StateEntry, export_state
         >>> from lift.io import from_pure_dict, to_pure_dict

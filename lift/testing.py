@@ -9,7 +9,7 @@ same entry object sometimes appears at two places, as shared state does.
 
 ``import lift`` never imports this module; importing it imports hypothesis.
 
-Example:
+Examples:
     >>> from hypothesis import given, settings
     >>> from jax.tree_util import tree_structure
     >>> from lift import export_state, import_state
@@ -67,7 +67,7 @@ DTYPES: tuple[str, ...] = (
 class Pair(NamedTuple):
     """A namedtuple node: its children's key paths are ``.first`` and ``.second``.
 
-    Example:
+    Examples:
         >>> import jax
         >>> from lift.testing import Pair
         >>> [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(
@@ -86,7 +86,7 @@ class Record:
     ``x`` and ``y`` are children (key paths ``.x`` and ``.y``); ``tag`` is static data
     that is part of the tree structure.
 
-    Example:
+    Examples:
         >>> import jax
         >>> from lift.testing import Record
         >>> leaves, treedef = jax.tree_util.tree_flatten(Record(1, 2, tag="t"))
@@ -108,7 +108,7 @@ class Box:
     It has no key paths of its own, so JAX names its children by flat index
     (``[<flat index 0>]``).
 
-    Example:
+    Examples:
         >>> import jax
         >>> from lift.testing import Box
         >>> [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(
@@ -142,7 +142,7 @@ def shapes(*, max_dims: int = 2, max_side: int = 3) -> st.SearchStrategy[tuple]:
     Returns:
         A strategy of shape tuples.
 
-    Example:
+    Examples:
         >>> from hypothesis import find
         >>> from lift.testing import shapes
         >>> find(shapes(), lambda s: len(s) == 2 and 0 in s)
@@ -190,7 +190,7 @@ def arrays(
     Returns:
         A strategy of :class:`jax.Array`.
 
-    Example:
+    Examples:
         >>> from hypothesis import find
         >>> from lift.testing import arrays
         >>> find(arrays(dtype="int8", shape=(2,)), lambda a: True)
@@ -220,7 +220,7 @@ def state_values(**array_options: Any) -> st.SearchStrategy[Any]:
     Returns:
         A strategy of arrays and pytrees of arrays.
 
-    Example:
+    Examples:
         >>> from hypothesis import find
         >>> from lift.testing import Pair, state_values
         >>> find(state_values(dtype="float32"), lambda v: isinstance(v, Pair))
@@ -327,7 +327,7 @@ def trees(
     Returns:
         A strategy of pytrees.
 
-    Example:
+    Examples:
         >>> import jax
         >>> from hypothesis import find, given, settings
         >>> from lift import StateEntry, export_state
@@ -366,7 +366,7 @@ def states(
     Returns:
         A strategy of ``dict[StateKey, value]``.
 
-    Example:
+    Examples:
         >>> from hypothesis import find
         >>> from lift.testing import states
         >>> state = find(states(prefix="model"), lambda s: len(s) == 2)
