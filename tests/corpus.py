@@ -115,6 +115,24 @@ class Opt(NamedTuple):
     nu: Any
 
 
+class Swapped(NamedTuple):
+    """A namedtuple with its own registration, which JAX honours over the default."""
+
+    a: Any
+    b: Any
+
+
+jax.tree_util.register_pytree_with_keys(
+    Swapped,
+    lambda p: (
+        ((jax.tree_util.GetAttrKey("b"), p.b), (jax.tree_util.GetAttrKey("a"), p.a)),
+        None,
+    ),
+    lambda _, children: Swapped(children[1], children[0]),
+    lambda p: ((p.b, p.a), None),
+)
+
+
 def E(n: int = 2, dtype: str = "float32") -> StateEntry:
     return StateEntry(jnp.zeros((n,), dtype))
 
@@ -280,6 +298,12 @@ BASE: list[Case] = [
         ".count",
         ".mu['w']",
         ".nu['w']",
+    ),
+    _case(
+        "namedtuple_registered_reordered",
+        lambda: Swapped(E(1), {"x": E()}),
+        ".b['x']",
+        ".a",
     ),
     _case("none_in_dict", lambda: {"a": None, "b": E()}, "['b']"),
     _case("none_in_list", lambda: [None, E(), None], "[1]"),
