@@ -15,7 +15,7 @@ module with NNX's own functional API and keeps the mutable variables in a lift s
   variables it changed back with :func:`lift.set`.
 - :func:`to_nnx` ``(tree, lift_state) -> module`` merges them back into a module.
 
-Example:
+Examples:
     >>> import jax.numpy as jnp
     >>> from flax import nnx
     >>> import lift, lift.nnx
@@ -108,13 +108,18 @@ class NnxTree:
         return f"NnxTree({self.graphdef.type.__name__}, keys={list(self.keys)})"
 
 
+def _unpack(aux: Any, children: Any) -> tuple[Any, Any, Any, Any, Any]:
+    (graphdef, state_def, what), (params, keys) = aux, children
+    return graphdef, params, keys, state_def, what
+
+
 jtu.register_pytree_with_keys(
     NnxTree,
     lambda t: (
         ((jtu.GetAttrKey("params"), t.params), (jtu.GetAttrKey("keys"), t.keys)),
         (t.graphdef, t.state_def, t.what),
     ),
-    lambda aux, children: NnxTree(aux[0], children[0], children[1], aux[1], aux[2]),
+    lambda aux, children: NnxTree(*_unpack(aux, children)),
     lambda t: ((t.params, t.keys), (t.graphdef, t.state_def, t.what)),
 )
 
@@ -142,7 +147,7 @@ def from_nnx(
     Raises:
         LiftTypeError: ``module`` is not an NNX graph node.
 
-    Example:
+    Examples:
         >>> from flax import nnx
         >>> import lift.nnx
         >>> class Net(nnx.Module):
@@ -195,7 +200,7 @@ def to_nnx(tree: NnxTree, state: Mapping[StateKey, Any], *, strict: bool = True)
         LiftKeyError: a key of the tree is not in ``state``.
         LiftValueError: ``state`` has unused keys (with ``strict``).
 
-    Example:
+    Examples:
         >>> import jax.numpy as jnp
         >>> from flax import nnx
         >>> import lift.nnx
@@ -270,7 +275,7 @@ class Lowered:
 jtu.register_pytree_with_keys(
     Lowered,
     lambda f: (((jtu.GetAttrKey("tree"), f.tree),), None),
-    lambda _, children: Lowered(children[0]),
+    lambda _, children: Lowered(*children),
     lambda f: ((f.tree,), None),
 )
 
@@ -291,7 +296,7 @@ def lower(tree: NnxTree) -> Lowered:
     Returns:
         The implicit callable (a pytree holding ``tree``).
 
-    Example:
+    Examples:
         >>> import jax.numpy as jnp
         >>> from flax import nnx
         >>> import lift, lift.nnx
