@@ -64,14 +64,16 @@ class _Paths:
         elif kind is list or kind is tuple:
             for i, child in enumerate(node):
                 self.walk(child, f"{path}[{i}]")
-        elif isinstance(node, tuple) and hasattr(kind, "_fields"):
-            # A namedtuple. (JAX 0.10.2's `flatten_one_level_with_keys` repeats the
-            # first field's key for every child, so its keys cannot be used here.)
-            for name, child in zip(kind._fields, node, strict=True):
-                self.walk(child, f"{path}.{name}")
         else:
             flat = _registry.flatten_one_level_with_keys(node)
-            if flat is not None:
+            if flat is None:
+                return
+            if flat[1] is kind and isinstance(node, tuple) and hasattr(kind, "_fields"):
+                # JAX's own namedtuple rule. (0.10.2's `flatten_one_level_with_keys`
+                # repeats the first field's key for every child, so name them here.)
+                for name, child in zip(kind._fields, node, strict=True):
+                    self.walk(child, f"{path}.{name}")
+            else:
                 for k, child in flat[0]:
                     self.walk(child, f"{path}{k}")
 

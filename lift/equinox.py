@@ -19,7 +19,7 @@ Because the keys sit inside the tree (in the indices' ``init``), a model passed 
 mapped argument of :func:`lift.vmap` has its state mapped on the same axis without
 being named: an ensemble built with ``eqx.filter_vmap`` just works.
 
-Example:
+Examples:
     >>> import equinox as eqx, jax, jax.numpy as jnp
     >>> import lift, lift.equinox
     >>> make = eqx.nn.make_with_state(eqx.nn.BatchNorm)
@@ -152,7 +152,7 @@ def from_equinox(
         LiftValueError: ``state`` has values for indices the model does not hold, the
             ``State`` was already used, or the model was converted already.
 
-    Example:
+    Examples:
         >>> import equinox as eqx, jax.numpy as jnp
         >>> import lift.equinox
         >>> class Counter(eqx.Module):
@@ -243,7 +243,7 @@ def to_equinox(
         LiftValueError: ``state`` has unused keys (with ``strict``), or an index of the
             tree was not converted.
 
-    Example:
+    Examples:
         >>> import equinox as eqx
         >>> import lift.equinox
         >>> make = eqx.nn.make_with_state(eqx.nn.BatchNorm)
@@ -342,7 +342,7 @@ def lower(tree: Any) -> Lowered:
     Returns:
         The implicit callable, an Equinox module holding ``tree``.
 
-    Example:
+    Examples:
         >>> import equinox as eqx, jax, jax.numpy as jnp
         >>> import lift, lift.equinox
         >>> linear = eqx.nn.Linear(3, 3, key=jax.random.key(0))

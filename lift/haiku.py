@@ -11,7 +11,7 @@ gives that state lift keys and makes such an ``apply`` implicit:
   reads the frame's values for ``like``'s keys, calls ``apply`` and writes back what
   changed with :func:`lift.set`.
 
-Example:
+Examples:
     >>> import haiku as hk, jax, jax.numpy as jnp
     >>> import lift, lift.haiku
     >>> def count(x):
@@ -88,7 +88,7 @@ def from_haiku(
     Raises:
         LiftTypeError: ``state`` is not a two-level dict.
 
-    Example:
+    Examples:
         >>> import jax.numpy as jnp
         >>> import lift.haiku
         >>> lift.haiku.from_haiku({"linear": {"counter": jnp.zeros((), "int32")}})
@@ -120,7 +120,7 @@ def to_haiku(
         LiftKeyError: a value of ``like`` has no key in ``state``.
         LiftValueError: ``state`` has unused keys (with ``strict``).
 
-    Example:
+    Examples:
         >>> import jax.numpy as jnp
         >>> import lift.haiku
         >>> hk_state = {"linear": {"counter": jnp.zeros((), "int32")}}
@@ -173,7 +173,7 @@ def lower(
     Returns:
         The implicit ``(params, *args) -> out``.
 
-    Example:
+    Examples:
         >>> import haiku as hk, jax, jax.numpy as jnp
         >>> import lift, lift.haiku
         >>> def net(x):

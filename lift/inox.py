@@ -16,7 +16,7 @@ module moves that state into a lift state dict and back:
 - :func:`to_inox` ``(tree, lift_state) -> (module, inox_state)`` is the exact inverse:
   Inox ``StateKey`` s again.
 
-Example:
+Examples:
     >>> import jax, jax.numpy as jnp, inox.nn as nn
     >>> import lift, lift.inox
     >>> tree, state = lift.inox.from_inox(nn.BatchNorm(3))
@@ -104,7 +104,7 @@ def from_inox(
         LiftValueError: ``state`` has values for keys the module does not hold, or two
             pieces of state would get the same lift key.
 
-    Example:
+    Examples:
         >>> import jax, inox.nn as nn
         >>> import lift.inox
         >>> exported, inox_state = nn.export_state(nn.BatchNorm(2))
@@ -207,7 +207,7 @@ def to_inox(
         LiftKeyError: a key of the tree is not in ``state``.
         LiftValueError: ``state`` has keys the tree does not use (with ``strict``).
 
-    Example:
+    Examples:
         >>> import inox.nn as nn
         >>> import lift.inox
         >>> exported, inox_state = nn.export_state(nn.BatchNorm(2))
@@ -310,7 +310,7 @@ def lower(tree: Any) -> Lowered:
     Raises:
         LiftValueError: ``tree`` still holds Inox entries or keys.
 
-    Example:
+    Examples:
         >>> import jax, jax.numpy as jnp, inox.nn as nn
         >>> import lift, lift.inox
         >>> tree, state = lift.inox.from_inox(nn.BatchNorm(2))
