@@ -15,7 +15,7 @@ if [ ! -x .venv/bin/python ]; then
     "$PYTHON" -m venv .venv
 fi
 echo "==> pip install -e '.[examples]'"
-.venv/bin/python -m pip install --quiet --progress-bar off --upgrade pip
-.venv/bin/python -m pip install --quiet --progress-bar off -e '.[examples]'
+.venv/bin/python -m pip install -qq --progress-bar off --upgrade pip
+.venv/bin/python -m pip install -qq --progress-bar off -e '.[examples]'
 echo "==> python examples/quickstart.py"
 exec .venv/bin/python examples/quickstart.py "$@"

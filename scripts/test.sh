@@ -34,13 +34,14 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 export VIRTUAL_ENV=$VENV
 export PATH="$VENV/bin:$PATH"
+# -qq: pip prints errors only (this machine's pip.conf makes -q chatty).
 # Skip the (slow, network-bound) install when pyproject.toml has not changed
 # since the last successful one in this .venv.
 STAMP=$VENV/.lift-dev-install
 WANT=$(python -c 'import hashlib, sys; print(hashlib.sha256(open(sys.argv[1], "rb").read()).hexdigest())' pyproject.toml)
 if [ "$(cat "$STAMP" 2>/dev/null || true)" != "$WANT" ]; then
-    python -m pip install --quiet --progress-bar off --upgrade pip
-    python -m pip install --quiet --progress-bar off -e '.[dev]'
+    python -m pip install -qq --progress-bar off --upgrade pip
+    python -m pip install -qq --progress-bar off -e '.[dev]'
     echo "$WANT" >"$STAMP"
 else
     echo "dependencies up to date (delete $STAMP to reinstall)"
@@ -85,7 +86,7 @@ done_step
 # ------------------------------------------------------------------------- docs
 if [ -f mkdocs.yml ]; then
     step "mkdocs build --strict"
-    mkdocs build --strict --quiet -d "$TMP/site"
+    NO_MKDOCS_2_WARNING=1 mkdocs build --strict --quiet -d "$TMP/site"
     done_step
 fi
 
