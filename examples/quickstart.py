@@ -10,6 +10,7 @@ Data: scikit-learn's bundled digits (1,797 8x8 images, no download).
 Run: python examples/quickstart.py   (LIFT_EXAMPLES_QUICK=1: a few steps)
 """
 
+import itertools
 import os
 
 import jax
@@ -23,7 +24,7 @@ from tqdm import tqdm
 import lift
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402 - after choosing the backend
+import matplotlib.pyplot as plt
 
 QUICK = os.environ.get("LIFT_EXAMPLES_QUICK") == "1"
 STEPS, BATCH, LR, MOMENTUM = (20 if QUICK else 1500), 64, 0.1, 0.9
@@ -32,9 +33,7 @@ STEPS, BATCH, LR, MOMENTUM = (20 if QUICK else 1500), 64, 0.1, 0.9
 def make_model(key, sizes=(64, 128, 64, 10)):
     keys = jax.random.split(key, len(sizes) - 1)
     layers = []
-    for k, (n_in, n_out) in zip(
-        keys, zip(sizes[:-1], sizes[1:], strict=True), strict=True
-    ):
+    for k, (n_in, n_out) in zip(keys, itertools.pairwise(sizes), strict=True):
         layer = {
             "w": jax.random.normal(k, (n_in, n_out)) * jnp.sqrt(2 / n_in),
             "b": jnp.zeros(n_out),

@@ -15,7 +15,7 @@ from ._export import partition_state as partition_state
 from ._export import update_state as update_state
 from ._frame import get as get
 from ._frame import lower as lower
-from ._frame import set as set  # noqa: A004 - the contract's name
+from ._frame import set as set
 from ._frame import stateful as stateful
 from ._keys import StateEntry as StateEntry
 from ._keys import StateKey as StateKey
@@ -35,7 +35,6 @@ from ._transforms import switch as switch
 from ._transforms import value_and_grad as value_and_grad
 from ._transforms import vmap as vmap
 from ._transforms import while_loop as while_loop
-
 from .io import from_pure_dict as from_pure_dict
 from .io import load_state as load_state
 from .io import save_state as save_state

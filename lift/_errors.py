@@ -23,7 +23,16 @@ __all__ = [
 
 
 class LiftError(Exception):
-    """Base class of every error lift raises."""
+    """Base class of every error lift raises.
+
+    Examples:
+        >>> import lift
+        >>> try:
+        ...     lift.get("w")
+        ... except lift.LiftError as err:
+        ...     print(type(err).__name__)
+        FrameError
+    """
 
 
 class LiftTypeError(LiftError, TypeError):
@@ -43,11 +52,34 @@ class LiftKeyError(LiftError, KeyError):
 
 
 class FrameError(LiftError, RuntimeError):
-    """State was read or written where no frame allows it."""
+    """State was read or written where no frame allows it.
+
+    Examples:
+        >>> import lift
+        >>> try:
+        ...     lift.get("w")
+        ... except lift.FrameError as err:
+        ...     print(str(err).split(",")[0])
+        `lift.get('w')` was called outside a frame
+    """
 
 
 class TraceError(LiftError, RuntimeError):
-    """State was written under a JAX transform that its frame does not own."""
+    """State was written under a JAX transform that its frame does not own.
+
+    Examples:
+        >>> import jax
+        >>> import jax.numpy as jnp
+        >>> import lift
+        >>> tree, state = lift.export_state({"n": lift.StateEntry(jnp.zeros(()))})
+        >>> def f(x):  # raw `jax.vmap` writing state: use `lift.vmap` instead
+        ...     jax.vmap(lambda v: lift.set(tree["n"], v))(x)
+        >>> try:
+        ...     lift.stateful(f)(state, jnp.ones(3))
+        ... except lift.TraceError:
+        ...     print("TraceError")
+        TraceError
+    """
 
 
 def closest(path: str, candidates: Iterable[Any]) -> str:

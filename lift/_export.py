@@ -160,7 +160,8 @@ def export_state(
     Examples:
         >>> import jax.numpy as jnp
         >>> from lift import StateEntry, export_state
-        >>> tree, state = export_state({"w": jnp.ones(2), "bn": {"mean": StateEntry(jnp.zeros(2))}})
+        >>> params = {"w": jnp.ones(2), "bn": {"mean": StateEntry(jnp.zeros(2))}}
+        >>> tree, state = export_state(params)
         >>> tree["bn"]["mean"]
         StateKey("['bn']['mean']")
         >>> state
@@ -190,7 +191,7 @@ def export_state(
             return tree, {}
         keys = _entry_keys(tree, treedef, leaves, positions, prefix, is_leaf)
         state: State = {}
-        for i, key in zip(positions, keys):
+        for i, key in zip(positions, keys, strict=True):
             if key not in state:
                 state[key] = leaves[i].value
             leaves[i] = key
@@ -252,16 +253,16 @@ def import_state(tree: T, state: Mapping[StateKey, Any], *, strict: bool = True)
     if missing:
         listed = ", ".join(repr(m) for m in sorted(set(missing)))
         raise LiftKeyError(
-            f"`import_state`: the tree uses {len(set(missing))} key(s) the state does not "
-            f"have: {listed}. {closest(missing[0], state)} Pass the state that "
-            "`export_state` returned for this tree (or `merge_states` of several)."
+            f"`import_state`: the tree uses {len(set(missing))} key(s) the state "
+            f"does not have: {listed}. {closest(missing[0], state)} Pass the state "
+            "that `export_state` returned for this tree (or `merge_states` of several)."
         )
     if strict and len(entries) != len(state):
         unused = sorted(str(k) for k in state if k not in entries)
         raise LiftKeyError(
-            f"`import_state`: the state has {len(unused)} key(s) the tree does not use: "
-            f"{', '.join(map(repr, unused))}. Pass `strict=False` to ignore them, or "
-            "`filter_state` the state first."
+            f"`import_state`: the state has {len(unused)} key(s) the tree does not "
+            f"use: {', '.join(map(repr, unused))}. Pass `strict=False` to ignore "
+            "them, or `filter_state` the state first."
         )
     return new_tree
 
@@ -287,9 +288,11 @@ def _weak_fits(new: Any, old_dtype: Any) -> bool:
     kind = np.dtype(jax.dtypes.result_type(new)).kind
     if type(new) in _SCALARS:
         kind = {bool: "b", int: "i", float: "f", complex: "c"}[type(new)]
-    old_kind = np.dtype(old_dtype).kind if not jax.dtypes.issubdtype(
-        old_dtype, jax.dtypes.prng_key
-    ) else "key"
+    old_kind = (
+        np.dtype(old_dtype).kind
+        if not jax.numpy.issubdtype(old_dtype, jax.dtypes.prng_key)
+        else "key"
+    )
     return old_kind in _RANK and _RANK.get(kind, 9) <= _RANK[old_kind]
 
 
@@ -315,8 +318,10 @@ def check_value(key: StateKey, old: Any, new: Any, *, where: str) -> Any:
         old_dtype = jax.dtypes.result_type(old_leaf)
         weak = _is_weak(new_leaf)
         if old_shape == new_shape and weak and _weak_fits(new_leaf, old_dtype):
-            if type(new_leaf) in _SCALARS or new_leaf.dtype != old_dtype or (
-                not _is_weak(old_leaf)
+            if (
+                type(new_leaf) in _SCALARS
+                or new_leaf.dtype != old_dtype
+                or (not _is_weak(old_leaf))
             ):
                 new_leaf = jax.numpy.asarray(new_leaf, dtype=old_dtype)
                 changed = True
@@ -331,7 +336,9 @@ def check_value(key: StateKey, old: Any, new: Any, *, where: str) -> Any:
     return new_def.unflatten(out) if changed else new
 
 
-def update_state(state: Mapping[StateKey, Any], mutation: Mapping[StateKey, Any]) -> State:
+def update_state(
+    state: Mapping[StateKey, Any], mutation: Mapping[StateKey, Any]
+) -> State:
     """A new state dict: ``state`` with the values of ``mutation`` written in.
 
     Args:
@@ -364,7 +371,8 @@ def update_state(state: Mapping[StateKey, Any], mutation: Mapping[StateKey, Any]
     for key, value in mutation.items():
         if key not in state:
             raise LiftKeyError(
-                f"`update_state`: no state under {str(key)!r}. {closest(str(key), state)} "
+                f"`update_state`: no state under {str(key)!r}. "
+                f"{closest(str(key), state)} "
                 "Only existing keys can be updated; use `merge_states` to add new ones."
             )
         new[key] = check_value(key, state[key], value, where="`update_state`")
@@ -389,15 +397,16 @@ def merge_states(*states: Mapping[StateKey, Any]) -> State:
     for i, state in enumerate(states):
         if not isinstance(state, Mapping):
             raise LiftTypeError(
-                f"`merge_states`: argument {i} is a {type(state).__name__}, not a state "
-                "dict. Pass the dicts that `export_state` returns."
+                f"`merge_states`: argument {i} is a {type(state).__name__}, not a "
+                "state dict. Pass the dicts that `export_state` returns."
             )
         for key, value in state.items():
             if key in out:
                 raise LiftValueError(
-                    f"`merge_states`: the key {str(key)!r} is in argument {i} and in an "
-                    "earlier one; merging would overwrite state. Export the trees with "
-                    "distinct `prefix=` values, or `filter_state` one of them first."
+                    f"`merge_states`: the key {str(key)!r} is in argument {i} and in "
+                    "an earlier one; merging would overwrite state. Export the trees "
+                    "with distinct `prefix=` values, or `filter_state` one of them "
+                    "first."
                 )
             out[key] = value
     return out
@@ -428,7 +437,8 @@ def filter_state(state: Mapping[StateKey, Any], *filters: Filter) -> State:
     Examples:
         >>> import jax.numpy as jnp
         >>> from lift import StateEntry, export_state, filter_state
-        >>> _, state = export_state({"bn": {"mean": StateEntry(jnp.zeros(1))}, "n": StateEntry(0)})
+        >>> tree = {"bn": {"mean": StateEntry(jnp.zeros(1))}, "n": StateEntry(0)}
+        >>> _, state = export_state(tree)
         >>> list(filter_state(state, "bn.*"))
         [StateKey("['bn']['mean']")]
     """
@@ -447,7 +457,8 @@ def partition_state(
     Examples:
         >>> import jax.numpy as jnp
         >>> from lift import StateEntry, export_state, partition_state
-        >>> _, state = export_state({"bn": StateEntry(jnp.zeros(1)), "n": StateEntry(0)})
+        >>> tree = {"bn": StateEntry(jnp.zeros(1)), "n": StateEntry(0)}
+        >>> _, state = export_state(tree)
         >>> bn, rest = partition_state(state, "bn")
         >>> list(bn), list(rest)
         ([StateKey("['bn']")], [StateKey("['n']")])

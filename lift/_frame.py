@@ -49,8 +49,15 @@ class Frame:
 
     __slots__ = ("mutable", "name", "refs", "state", "trace", "why")
 
-    def __init__(self, state: Mapping[Any, Any], *, mutable: bool, name: str,
-                 refs: bool = False, why: str | None = None) -> None:
+    def __init__(
+        self,
+        state: Mapping[Any, Any],
+        *,
+        mutable: bool,
+        name: str,
+        refs: bool = False,
+        why: str | None = None,
+    ) -> None:
         self.state: State = dict(state)
         self.mutable = mutable
         # Why the frame is read-only, for the error; inference mode by default.
@@ -65,14 +72,15 @@ class Frame:
         # solver) can read and write it and JAX threads it through them.
         self.refs: dict[Any, Any] | None = None
         if refs:
-            self.refs = {k: jax.tree_util.tree_map(jax.new_ref, v)
-                         for k, v in self.state.items()}
+            self.refs = {
+                k: jax.tree_util.tree_map(jax.new_ref, v) for k, v in self.state.items()
+            }
 
     def _missing(self, key: Any, what: str) -> LiftKeyError:
         return LiftKeyError(
             f"`lift.{what}({key!r})`: no state under {str(key)!r} in this frame "
-            f"({self.name}). {closest(str(key), self.state)} Pass the state returned by "
-            "`export_state` for the tree whose keys you use."
+            f"({self.name}). {closest(str(key), self.state)} Pass the state returned "
+            "by `export_state` for the tree whose keys you use."
         )
 
     def read(self, key: Any) -> Any:
@@ -95,15 +103,17 @@ class Frame:
             )
         if key not in self.state:
             raise self._missing(key, "set")
-        value = check_value(key, self.state[key], value, where=f"`lift.set({key!r}, ...)`")
+        value = check_value(
+            key, self.state[key], value, where=f"`lift.set({key!r}, ...)`"
+        )
         for leaf in jax.tree_util.tree_leaves(value):
             if dead_tracer(leaf):
                 raise TraceError(
-                    f"`lift.set({key!r}, ...)` got a tracer of a JAX transform that has "
-                    "already finished: the value escaped the transform that computed it "
-                    "and is meaningless now. Compute the value inside the same transform "
-                    "as the `set`, and use lift's transforms (`lift.vmap`, `lift.scan`, "
-                    "...) so state flows out of them."
+                    f"`lift.set({key!r}, ...)` got a tracer of a JAX transform that "
+                    "has already finished: the value escaped the transform that "
+                    "computed it and is meaningless now. Compute the value inside the "
+                    "same transform as the `set`, and use lift's transforms "
+                    "(`lift.vmap`, `lift.scan`, ...) so state flows out of them."
                 )
         self.store(key, value)
 
@@ -123,8 +133,10 @@ class Frame:
     def snapshot(self) -> State:
         """The current values of all keys, as a new dict."""
         if self.refs is not None:
-            return {k: jax.tree_util.tree_map(lambda r: r[...], v)
-                    for k, v in self.refs.items()}
+            return {
+                k: jax.tree_util.tree_map(lambda r: r[...], v)
+                for k, v in self.refs.items()
+            }
         return dict(self.state)
 
     def update(self, new: Mapping[Any, Any], *, check: bool) -> None:
@@ -190,9 +202,9 @@ def _check_key(key: Any, what: str) -> None:
         return
     if isinstance(key, StateEntry):
         raise LiftTypeError(
-            f"`lift.{what}` got a StateEntry, not a StateKey: the tree was not exported. "
-            "Call `tree, state = lift.export_state(tree)` and pass `tree` (whose entries "
-            "are now keys) to your function."
+            f"`lift.{what}` got a StateEntry, not a StateKey: the tree was not "
+            "exported. Call `tree, state = lift.export_state(tree)` and pass `tree` "
+            "(whose entries are now keys) to your function."
         )
     raise LiftTypeError(
         f"`lift.{what}` takes a StateKey (or its path string); got "
@@ -220,7 +232,7 @@ def get(key: StateKey | str) -> Any:
     return _frame_or_raise("get", key).read(key)
 
 
-def set(key: StateKey | str, value: Any) -> None:  # noqa: A001 - the contract's name
+def set(key: StateKey | str, value: Any) -> None:
     """Write ``value`` as the new value of ``key`` in the innermost frame.
 
     The value must have the pytree structure, shapes and dtypes of the current one
@@ -248,8 +260,15 @@ def set(key: StateKey | str, value: Any) -> None:  # noqa: A001 - the contract's
 
 
 def run_in_frame(
-    f: Callable[..., R], state: Mapping[Any, Any], args: Any, kwargs: Any, *,
-    mutable: bool, name: str, refs: list[bool], why: str | None = None,
+    f: Callable[..., R],
+    state: Mapping[Any, Any],
+    args: Any,
+    kwargs: Any,
+    *,
+    mutable: bool,
+    name: str,
+    refs: list[bool],
+    why: str | None = None,
 ) -> tuple[R, State]:
     """Call ``f(*args, **kwargs)`` in a new frame over ``state``.
 
@@ -270,7 +289,9 @@ def run_in_frame(
             _FRAME.reset(token)
 
 
-def stateful(f: Callable[P, R], *, mutable: bool = True) -> Callable[..., tuple[R, State]]:
+def stateful(
+    f: Callable[P, R], *, mutable: bool = True
+) -> Callable[..., tuple[R, State]]:
     """Turn ``f``, which uses :func:`get` and :func:`set`, into a pure function.
 
     ``stateful(f)(state, *args, **kwargs)`` runs ``f(*args, **kwargs)`` in a frame over
@@ -287,7 +308,8 @@ def stateful(f: Callable[P, R], *, mutable: bool = True) -> Callable[..., tuple[
     Examples:
         >>> import jax.numpy as jnp
         >>> import lift
-        >>> model, state = lift.export_state({"n": lift.StateEntry(jnp.zeros((), "int32"))})
+        >>> tree = {"n": lift.StateEntry(jnp.zeros((), "int32"))}
+        >>> model, state = lift.export_state(tree)
         >>> def count(x):
         ...     lift.set(model["n"], lift.get(model["n"]) + 1)
         ...     return 2 * x
@@ -296,7 +318,9 @@ def stateful(f: Callable[P, R], *, mutable: bool = True) -> Callable[..., tuple[
         (6.0, 1, 0)
     """
     if not callable(f):
-        raise LiftTypeError(f"`lift.stateful` takes a callable; got {type(f).__name__}.")
+        raise LiftTypeError(
+            f"`lift.stateful` takes a callable; got {type(f).__name__}."
+        )
     name = f"`stateful({getattr(f, '__qualname__', type(f).__name__)})`"
     refs = [False]
 
@@ -305,10 +329,12 @@ def stateful(f: Callable[P, R], *, mutable: bool = True) -> Callable[..., tuple[
         if not isinstance(state, Mapping):
             raise LiftTypeError(
                 f"{name} takes the state dict as its first argument; got "
-                f"{type(state).__name__}. Call it as `pure(state, *args)` with the state "
-                "from `export_state`."
+                f"{type(state).__name__}. Call it as `pure(state, *args)` with the "
+                "state from `export_state`."
             )
-        return run_in_frame(f, state, args, kwargs, mutable=mutable, name=name, refs=refs)
+        return run_in_frame(
+            f, state, args, kwargs, mutable=mutable, name=name, refs=refs
+        )
 
     pure.__lift_implicit__ = f  # type: ignore[attr-defined]
     pure.__lift_mutable__ = mutable  # type: ignore[attr-defined]
@@ -316,7 +342,7 @@ def stateful(f: Callable[P, R], *, mutable: bool = True) -> Callable[..., tuple[
 
 
 def lower(g: Callable[..., tuple[R, Mapping[Any, Any]]]) -> Callable[..., R]:
-    """Turn a pure ``(state, *args) -> (out, state)`` into an implicit ``(*args) -> out``.
+    """Turn a pure ``(state, *args) -> (out, state)`` into implicit ``(*args) -> out``.
 
     The lowered function reads the innermost frame's state, passes it to ``g`` and
     writes back what ``g`` returns (each value checked as by :func:`set`).
@@ -339,8 +365,11 @@ def lower(g: Callable[..., tuple[R, Mapping[Any, Any]]]) -> Callable[..., R]:
     def implicit(*args: Any, **kwargs: Any) -> R:
         frame = _frame_or_raise("lower", getattr(g, "__qualname__", "g"))
         result = g(frame.snapshot(), *args, **kwargs)
-        if not (isinstance(result, tuple) and len(result) == 2
-                and isinstance(result[1], Mapping)):
+        if not (
+            isinstance(result, tuple)
+            and len(result) == 2
+            and isinstance(result[1], Mapping)
+        ):
             raise LiftValueError(
                 f"`lift.lower({getattr(g, '__qualname__', 'g')})`: the function must "
                 "return `(out, state)` with a state dict; got "

@@ -5,6 +5,7 @@ from __future__ import annotations
 import fnmatch
 import json
 import re
+from collections.abc import Iterable
 from typing import Any, Generic, TypeVar
 
 import jax
@@ -79,8 +80,8 @@ class StateEntry(Generic[T]):
             from ._errors import LiftTypeError
 
             raise LiftTypeError(
-                f"`StateEntry` got a {type(value).__name__} as its value; entries do not "
-                "nest. Pass the array (or pytree of arrays) itself: "
+                f"`StateEntry` got a {type(value).__name__} as its value; entries do "
+                "not nest. Pass the array (or pytree of arrays) itself: "
                 "`StateEntry(jnp.zeros(3))`."
             )
         self.value = value
@@ -93,10 +94,16 @@ class StateEntry(Generic[T]):
 
 _VALUE = jax.tree_util.GetAttrKey("value")
 
+
+def _unflatten_entry(_: Any, children: Iterable[Any]) -> StateEntry:
+    (value,) = children
+    return StateEntry(value)
+
+
 jax.tree_util.register_pytree_with_keys(
     StateEntry,
     lambda entry: (((_VALUE, entry.value),), None),
-    lambda _, children: StateEntry(children[0]),
+    _unflatten_entry,
     lambda entry: ((entry.value,), None),
 )
 
@@ -128,4 +135,6 @@ def matches(path: str, pattern: str) -> bool:
     if pattern == path:
         return True
     name = dotted(path)
-    return fnmatch.fnmatchcase(name, pattern) or fnmatch.fnmatchcase("." + name, pattern)
+    return fnmatch.fnmatchcase(name, pattern) or fnmatch.fnmatchcase(
+        "." + name, pattern
+    )

@@ -25,7 +25,7 @@ Run = Callable[..., tuple[Any, State]]
 
 
 class Pure:
-    """A lifted function's implicit ``f`` as the pure ``(state, *args) -> (out, state)``.
+    """A lifted function's implicit ``f`` as pure ``(state, *args) -> (out, state)``.
 
     Arguments arrive with non-array leaves wrapped as static structure and are unwrapped
     before ``f`` sees them; non-array leaves of the output are wrapped on the way out
@@ -33,13 +33,24 @@ class Pure:
     """
 
     __slots__ = (
-        "__weakref__", "f", "has_static_out", "keep_scalars", "mutable", "name",
-        "refs", "why",
+        "__weakref__",
+        "f",
+        "has_static_out",
+        "keep_scalars",
+        "mutable",
+        "name",
+        "refs",
+        "why",
     )
 
     def __init__(
-        self, f: Callable[..., Any], *, mutable: bool, name: str,
-        keep_scalars: bool = False, why: str | None = None,
+        self,
+        f: Callable[..., Any],
+        *,
+        mutable: bool,
+        name: str,
+        keep_scalars: bool = False,
+        why: str | None = None,
     ) -> None:
         self.f = f
         self.why = why
@@ -52,8 +63,14 @@ class Pure:
     def __call__(self, state: State, /, *args: Any, **kwargs: Any) -> tuple[Any, State]:
         args, kwargs = unmask((args, kwargs))
         out, new = run_in_frame(
-            self.f, state, args, kwargs, mutable=self.mutable, name=self.name,
-            refs=self.refs, why=self.why,
+            self.f,
+            state,
+            args,
+            kwargs,
+            mutable=self.mutable,
+            name=self.name,
+            refs=self.refs,
+            why=self.why,
         )
         out, static = mask(out, keep_scalars=self.keep_scalars)
         if static:
@@ -92,8 +109,13 @@ class Lifted:
     """
 
     def __init__(
-        self, fns: Sequence[Callable[..., Any]], run: Run, *, name: str,
-        static_args: bool = True, keep_scalars: bool = False,
+        self,
+        fns: Sequence[Callable[..., Any]],
+        run: Run,
+        *,
+        name: str,
+        static_args: bool = True,
+        keep_scalars: bool = False,
     ) -> None:
         for f in fns:
             if not callable(f):
@@ -108,8 +130,12 @@ class Lifted:
         label = ", ".join(getattr(f, "__qualname__", type(f).__name__) for f in fns)
         self._pures = {
             m: tuple(
-                Pure(f, mutable=m, name=f"`lift.{name}({label})`",
-                     keep_scalars=keep_scalars)
+                Pure(
+                    f,
+                    mutable=m,
+                    name=f"`lift.{name}({label})`",
+                    keep_scalars=keep_scalars,
+                )
                 for f in self.fns
             )
             for m in (True, False)
@@ -142,7 +168,7 @@ class Lifted:
 def lift_transform(
     transform: Callable[..., Callable[..., Any]],
 ) -> Callable[..., Lifted]:
-    """Lift a JAX function transform (``jax.jit``, ``jax.checkpoint``, ...) to lift's state.
+    """Lift a JAX transform (``jax.jit``, ``jax.checkpoint``, ...) to lift's state.
 
     ``lift_transform(T)(f, *options)`` is an implicit function: called inside a frame,
     it runs ``T(pure, *options)(state, *args)`` where ``pure`` is ``f`` with the frame's

@@ -61,7 +61,7 @@ def _is_jax_value(x: Any) -> bool:
 
 
 def mask(tree: Any, *, keep_scalars: bool = False) -> tuple[Any, bool]:
-    """``tree`` with every non-array leaf wrapped in :class:`Static`; and whether any was.
+    """``tree`` with non-array leaves wrapped in :class:`Static`; and whether any was.
 
     With ``keep_scalars``, Python numbers stay dynamic (as ``lax.cond`` treats them).
     """

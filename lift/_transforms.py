@@ -13,11 +13,11 @@ import jax
 from jax import lax
 
 from ._errors import LiftTypeError, LiftValueError, describe
-from ._export import State, _predicate, partition_state
+from ._export import State, _predicate
 from ._frame import _FRAME
 from ._keys import StateEntry, StateKey
 from ._lifting import Lifted, Pure
-from ._static import Static, mask, unmask
+from ._static import unmask
 from ._tracing import _ARRAY_TYPES, batched_here, is_array
 
 __all__ = [
@@ -72,9 +72,11 @@ def _refuse_consumed(tree: Any) -> None:
 
 
 class _Jit(Lifted):
-    """``lift.jit``: with a fast path for top-level calls whose leaves are all arrays."""
+    """``lift.jit`` with a fast path for top-level calls whose leaves are all arrays."""
 
-    def __init__(self, f: Callable[..., Any], donate_state: bool, options: dict) -> None:
+    def __init__(
+        self, f: Callable[..., Any], donate_state: bool, options: dict
+    ) -> None:
         self._jitted: dict[Pure, Callable[..., Any]] = {}
         self._options = options
         self._donate = donate_state
@@ -86,15 +88,17 @@ class _Jit(Lifted):
         super().__init__((f,), self._run, name="jit")
 
     def _plain(self, *args: Any, **kwargs: Any) -> Any:
-        # Top level, all arguments arrays: `f` is a pure function jitted as is. Should it
-        # return non-arrays, fall back (once and for all) to the general path.
+        # Top level, all arguments arrays: `f` is a pure function jitted as is. Should
+        # it return non-arrays, fall back (once and for all) to the general path.
         out = self._f(*args, **kwargs)
         if not all(map(is_array, jax.tree_util.tree_leaves(out))):
             self._direct_ok = False
             raise _Fallback
         return out
 
-    def _run(self, pures: Sequence[Pure], state: State, *args: Any, **kwargs: Any) -> Any:
+    def _run(
+        self, pures: Sequence[Pure], state: State, *args: Any, **kwargs: Any
+    ) -> Any:
         if self._donate:
             _refuse_consumed(state)
         fn = self._jitted.get(pures[0])
@@ -103,7 +107,8 @@ class _Jit(Lifted):
                 # At top level the state is the pure function's first argument.
                 fn = jax.jit(
                     lambda s, *a, **k: pures[0](s, *a, **k),
-                    donate_argnums=(1,), **self._options,
+                    donate_argnums=(1,),
+                    **self._options,
                 )
             else:
                 donate = (0,) if self._donate else ()
@@ -136,7 +141,11 @@ class _Fallback(Exception):
 
 
 def jit(
-    f: Callable[..., Any] | None = None, /, *, donate_state: bool = False, **jit_kwargs: Any
+    f: Callable[..., Any] | None = None,
+    /,
+    *,
+    donate_state: bool = False,
+    **jit_kwargs: Any,
 ) -> Any:
     """:func:`jax.jit` that threads state; non-array leaves of the arguments are static.
 
@@ -165,7 +174,12 @@ def jit(
         >>> out, state[tree["n"]]
         (Array(2., dtype=float32), Array(1., dtype=float32))
     """
-    for bad in ("static_argnums", "static_argnames", "donate_argnums", "donate_argnames"):
+    for bad in (
+        "static_argnums",
+        "static_argnames",
+        "donate_argnums",
+        "donate_argnames",
+    ):
         if bad in jit_kwargs:
             raise LiftTypeError(
                 f"`lift.jit` does not take `{bad}`: non-array arguments are static "
@@ -183,13 +197,17 @@ _AUTO = object()
 
 def _keys_in(tree: Any) -> list[StateKey]:
     return [
-        x for x in jax.tree_util.tree_leaves(tree, is_leaf=lambda x: type(x) is StateKey)
+        x
+        for x in jax.tree_util.tree_leaves(tree, is_leaf=lambda x: type(x) is StateKey)
         if type(x) is StateKey
     ]
 
 
 def _arg_axes(args: tuple, kwargs: dict, in_axes: Any) -> dict[StateKey, int]:
-    """The axis of each state key found inside a mapped argument."""
+    """The axis of each state key found inside a mapped argument.
+
+    Callers check first that ``in_axes`` has one spec per positional argument.
+    """
     found: dict[StateKey, int] = {}
 
     def note(tree: Any, axis: Any) -> None:
@@ -198,17 +216,17 @@ def _arg_axes(args: tuple, kwargs: dict, in_axes: Any) -> dict[StateKey, int]:
         for key in _keys_in(tree):
             if found.setdefault(key, axis) != axis:
                 raise LiftValueError(
-                    f"`lift.vmap`: the key {str(key)!r} appears in arguments mapped over "
-                    f"different axes ({found[key]} and {axis}). Say which one with "
-                    f"`state_axes={{StateKey({str(key)!r}): axis}}`."
+                    f"`lift.vmap`: the key {str(key)!r} appears in arguments mapped "
+                    f"over different axes ({found[key]} and {axis}). Say which one "
+                    f"with `state_axes={{StateKey({str(key)!r}): axis}}`."
                 )
 
-    for arg, spec in zip(args, in_axes):
+    for arg, spec in zip(args, in_axes, strict=True):
         if spec is None or isinstance(spec, int):
             note(arg, spec)
             continue
         specs, treedef = jax.tree_util.tree_flatten(spec, is_leaf=lambda x: x is None)
-        for sub, axis in zip(treedef.flatten_up_to(arg), specs):
+        for sub, axis in zip(treedef.flatten_up_to(arg), specs, strict=True):
             note(sub, axis)
     note(kwargs, 0)
     return found
@@ -224,7 +242,8 @@ def _state_axes(
     if not isinstance(state_axes, Mapping):
         raise LiftTypeError(
             "`state_axes` must be None, an int, or a dict {filter: axis} whose filters "
-            f"are globs, StateKeys, types or predicates; got {type(state_axes).__name__}."
+            "are globs, StateKeys, types or predicates; got "
+            f"{type(state_axes).__name__}."
         )
     preds = [(_predicate(filt), axis) for filt, axis in state_axes.items()]
     out: dict[StateKey, int | None] = {}
@@ -280,7 +299,8 @@ def vmap(
         ...     lift.set(tree["total"], t + jax.lax.psum(x, "batch"))
         ...     return x + t
         >>> import jax
-        >>> out, state = lift.stateful(lift.vmap(add, axis_name="batch"))(state, jnp.arange(3.0))
+        >>> batched = lift.stateful(lift.vmap(add, axis_name="batch"))
+        >>> out, state = batched(state, jnp.arange(3.0))
         >>> state[tree["total"]]
         Array(3., dtype=float32)
     """
@@ -305,19 +325,23 @@ def vmap(
             for key in shared:
                 if any(map(batched_here, jax.tree_util.tree_leaves(new[key]))):
                     raise LiftValueError(
-                        f"`lift.vmap`: the new value of {str(key)!r} differs across the "
-                        "batch, but that state is shared by the batch (its state axis is "
-                        "None), so one value per example cannot be written to it. Reduce "
-                        "it over the batch: pass `axis_name='batch'` and write "
-                        "`lax.pmean(value, 'batch')`; or keep one state per example with "
-                        f"`state_axes={{StateKey({str(key)!r}): 0}}` (the state then "
-                        "needs that batch axis)."
+                        f"`lift.vmap`: the new value of {str(key)!r} differs across "
+                        "the batch, but that state is shared by the batch (its state "
+                        "axis is None), so one value per example cannot be written to "
+                        "it. Reduce it over the batch: pass `axis_name='batch'` and "
+                        "write `lax.pmean(value, 'batch')`; or keep one state per "
+                        f"example with `state_axes={{StateKey({str(key)!r}): 0}}` (the "
+                        "state then needs that batch axis)."
                     )
             return out, new
 
         return jax.vmap(
-            body, in_axes=(axes, spec, 0), out_axes=(out_axes, axes),
-            axis_name=axis_name, axis_size=axis_size, spmd_axis_name=spmd_axis_name,
+            body,
+            in_axes=(axes, spec, 0),
+            out_axes=(out_axes, axes),
+            axis_name=axis_name,
+            axis_size=axis_size,
+            spmd_axis_name=spmd_axis_name,
         )(state, args, kwargs)
 
     return Lifted((f,), run, name="vmap")
@@ -326,9 +350,7 @@ def vmap(
 # --------------------------------------------------------------------------- scan
 
 
-def _split_scanned(
-    state: State, state_axes: Any
-) -> tuple[State, dict[StateKey, int]]:
+def _split_scanned(state: State, state_axes: Any) -> tuple[State, dict[StateKey, int]]:
     """The scanned keys (with their axes) and the carried rest."""
     if state_axes is None:
         return dict(state), {}
@@ -338,7 +360,9 @@ def _split_scanned(
             "{filter: axis} naming the state stacked per step (scan over layers); got "
             f"{type(state_axes).__name__}."
         )
-    axes = {k: a for k, a in _state_axes(state, state_axes, {}).items() if a is not None}
+    axes = {
+        k: a for k, a in _state_axes(state, state_axes, {}).items() if a is not None
+    }
     _check_rank(state, axes, "scan")
     return {k: v for k, v in state.items() if k not in axes}, axes
 
@@ -388,20 +412,26 @@ def scan(
             return (c, {k: new[k] for k in carried}), (y, {k: new[k] for k in sliced})
 
         (c, carried), (ys, stacked) = lax.scan(
-            body, (init, carried), (xs, stacked), length=length, reverse=reverse,
+            body,
+            (init, carried),
+            (xs, stacked),
+            length=length,
+            reverse=reverse,
             unroll=unroll,
         )
         stacked = {k: _moveaxis(v, 0, axes[k]) for k, v in stacked.items()}
         return (c, ys), {**carried, **stacked}
 
-    return Lifted((f,), run, name="scan", static_args=False, keep_scalars=True)(init, xs)
+    return Lifted((f,), run, name="scan", static_args=False, keep_scalars=True)(
+        init, xs
+    )
 
 
 # ------------------------------------------------------------------------ control
 
 
 def cond(pred: Any, true_fun: Callable, false_fun: Callable, *operands: Any) -> Any:
-    """:func:`jax.lax.cond` that threads state: the branch that does not run never writes.
+    """:func:`jax.lax.cond` that threads state: the branch not taken never writes.
 
     Examples:
         >>> import jax.numpy as jnp
@@ -432,7 +462,8 @@ def switch(index: Any, branches: Sequence[Callable], *operands: Any) -> Any:
         >>> tree, state = lift.export_state({"n": lift.StateEntry(jnp.zeros(()))})
         >>> def put(v):
         ...     return lambda: lift.set(tree["n"], jnp.asarray(v, jnp.float32))
-        >>> lift.stateful(lambda i: lift.switch(i, [put(1), put(2), put(3)]))(state, 1)[1][tree["n"]]
+        >>> pick = lift.stateful(lambda i: lift.switch(i, [put(1), put(2), put(3)]))
+        >>> pick(state, 1)[1][tree["n"]]
         Array(2., dtype=float32)
     """
 
@@ -456,12 +487,16 @@ def while_loop(cond_fun: Callable, body_fun: Callable, init_val: Any) -> Any:
         ...     return i + 1
         >>> loop = lambda: lift.while_loop(lambda i: lift.get(tree["n"]) < 5, body, 0)
         >>> lift.stateful(loop)(state)
-        (Array(3, dtype=int32, weak_type=True), {StateKey("['n']"): Array(6., dtype=float32)})
+        (Array(3, dtype=int32, weak_type=True),
+         {StateKey("['n']"): Array(6., dtype=float32)})
     """
 
     def run(pures: Sequence[Pure], state: State, init: Any) -> Any:
         test = Pure(
-            pures[0].f, mutable=False, name=pures[0].name, keep_scalars=True,
+            pures[0].f,
+            mutable=False,
+            name=pures[0].name,
+            keep_scalars=True,
             why="it runs the `cond_fun` of `lift.while_loop`, which may read state but "
             "not write it. Move the write into `body_fun`.",
         )
@@ -470,9 +505,13 @@ def while_loop(cond_fun: Callable, body_fun: Callable, init_val: Any) -> Any:
         )
         return val, state
 
-    return Lifted((cond_fun, body_fun), run, name="while_loop", static_args=False, keep_scalars=True)(
-        init_val
-    )
+    return Lifted(
+        (cond_fun, body_fun),
+        run,
+        name="while_loop",
+        static_args=False,
+        keep_scalars=True,
+    )(init_val)
 
 
 def fori_loop(
@@ -497,7 +536,9 @@ def fori_loop(
 
         return lax.fori_loop(lower, upper, body, (init, state), unroll=unroll)
 
-    return Lifted((body_fun,), run, name="fori_loop", static_args=False, keep_scalars=True)(init_val)
+    return Lifted(
+        (body_fun,), run, name="fori_loop", static_args=False, keep_scalars=True
+    )(init_val)
 
 
 # ------------------------------------------------------------- autodiff and remat
@@ -508,12 +549,14 @@ def _refuse_state(args: tuple, argnums: Sequence[int], what: str) -> None:
         if i >= len(args):
             continue
         arg = unmask(args[i])
-        is_state = isinstance(arg, Mapping) and arg and all(
-            type(k) is StateKey for k in arg
+        is_state = (
+            isinstance(arg, Mapping) and arg and all(type(k) is StateKey for k in arg)
         )
         has_entry = any(
             type(x) is StateEntry
-            for x in jax.tree_util.tree_leaves(arg, is_leaf=lambda x: type(x) is StateEntry)
+            for x in jax.tree_util.tree_leaves(
+                arg, is_leaf=lambda x: type(x) is StateEntry
+            )
         )
         if is_state or has_entry:
             if is_state:
@@ -521,8 +564,8 @@ def _refuse_state(args: tuple, argnums: Sequence[int], what: str) -> None:
             else:
                 kind = "a tree holding StateEntry"
             raise LiftTypeError(
-                f"`lift.{what}` was asked for a gradient with respect to state (argument "
-                f"{i} is {kind}). "
+                f"`lift.{what}` was asked for a gradient with respect to state "
+                f"(argument {i} is {kind}). "
                 "State is threaded as auxiliary output and never differentiated: "
                 "differentiate with respect to the parameters, export the state with "
                 "`export_state` and let lift thread it (call inside `lift.stateful`)."
@@ -546,19 +589,27 @@ def value_and_grad(
         >>> def loss(w):
         ...     lift.set(tree["calls"], lift.get(tree["calls"]) + 1)
         ...     return jnp.sum(w**2)
-        >>> (value, grad), state = lift.stateful(lift.value_and_grad(loss))(state, jnp.ones(2))
+        >>> pure = lift.stateful(lift.value_and_grad(loss))
+        >>> (value, grad), state = pure(state, jnp.ones(2))
         >>> value, grad, state[tree["calls"]]
-        (Array(2., dtype=float32), Array([2., 2.], dtype=float32), Array(1., dtype=float32))
+        (Array(2., dtype=float32), Array([2., 2.], dtype=float32),
+         Array(1., dtype=float32))
     """
     return Lifted(
-        (f,), _vg_run(argnums, has_aux, holomorphic, allow_int, "value_and_grad"),
+        (f,),
+        _vg_run(argnums, has_aux, holomorphic, allow_int, "value_and_grad"),
         name="value_and_grad",
     )
 
 
 def _vg_run(
-    argnums: int | Sequence[int], has_aux: bool, holomorphic: bool, allow_int: bool,
-    what: str, *, values: bool = True,
+    argnums: int | Sequence[int],
+    has_aux: bool,
+    holomorphic: bool,
+    allow_int: bool,
+    what: str,
+    *,
+    values: bool = True,
 ) -> Callable[..., Any]:
     nums = (argnums,) if isinstance(argnums, int) else tuple(argnums)
 
@@ -573,7 +624,10 @@ def _vg_run(
             return out, (None, new)
 
         (value, (aux, new)), grads = jax.value_and_grad(
-            loss, argnums=argnums, has_aux=True, holomorphic=holomorphic,
+            loss,
+            argnums=argnums,
+            has_aux=True,
+            holomorphic=holomorphic,
             allow_int=allow_int,
         )(*args)
         grads = unmask(grads, static_as_none=True)
@@ -601,7 +655,8 @@ def grad(
         Array([2., 2.], dtype=float32)
     """
     return Lifted(
-        (f,), _vg_run(argnums, has_aux, holomorphic, allow_int, "grad", values=False),
+        (f,),
+        _vg_run(argnums, has_aux, holomorphic, allow_int, "grad", values=False),
         name="grad",
     )
 

@@ -31,7 +31,9 @@ def test_every_public_name_has_a_docstring_with_an_example():
 
 
 def test_every_example_listed_in_the_docs_exists_and_every_example_is_listed():
-    listed = set(re.findall(r"`examples/([a-z_]+\.py)`", (DOCS / "examples.md").read_text()))
+    listed = set(
+        re.findall(r"`examples/([a-z_]+\.py)`", (DOCS / "examples.md").read_text())
+    )
     present = {p.name for p in (ROOT / "examples").glob("*.py")}
     assert listed == present
 
