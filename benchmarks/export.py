@@ -81,7 +81,7 @@ def _plan(leaves: int, q: bool) -> tuple[int, int, int]:
     """(cold rounds, warm rounds, calls per warm round) for a tree size."""
     if q:
         return {1_000: (5, 5, 5), 10_000: (3, 3, 1)}.get(leaves, (2, 2, 1))
-    return {1_000: (41, 41, 20), 10_000: (21, 21, 3)}.get(leaves, (9, 9, 1))
+    return {1_000: (41, 41, 20), 10_000: (21, 21, 3)}.get(leaves, (5, 5, 1))
 
 
 def measure_tree(kind: str, leaves: int, q: bool) -> list[dict[str, Any]]:
@@ -100,7 +100,7 @@ def measure_tree(kind: str, leaves: int, q: bool) -> list[dict[str, Any]]:
 
     tree = build(leaves)
     first = fresh(-1)  # tag 0 is the warm tree's structure: keep it uncached here
-    timing = compare(first, rounds=cold_rounds, warmup=0, setup=fresh)
+    timing = compare(first, rounds=cold_rounds, warmup=0, setup=fresh, block=False)
     rows.append(
         row(
             f"export_state cold, {label}",
@@ -117,6 +117,7 @@ def measure_tree(kind: str, leaves: int, q: bool) -> list[dict[str, Any]]:
         rounds=warm_rounds,
         number=number,
         warmup=1,
+        block=False,
     )
     rows.append(
         row(
@@ -138,6 +139,7 @@ def measure_tree(kind: str, leaves: int, q: bool) -> list[dict[str, Any]]:
         rounds=warm_rounds,
         number=number,
         warmup=1,
+        block=False,
     )
     rows.append(
         row(

@@ -315,6 +315,7 @@ def export_rows(q: bool) -> list[dict[str, Any]]:
                 rounds=rounds,
                 number=number,
                 warmup=1,
+                block=False,
             )
             rows.append(
                 row(
@@ -342,6 +343,7 @@ def export_rows(q: bool) -> list[dict[str, Any]]:
                 rounds=max(3, rounds // 3),
                 number=1,
                 warmup=1,
+                block=False,
             )
             rows.append(
                 row(
