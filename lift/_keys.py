@@ -49,11 +49,8 @@ class StateKey(str):
         return str(self)
 
 
-jax.tree_util.register_pytree_node(
-    StateKey,
-    lambda key: ((), str(key)),
-    lambda path, _: StateKey(path),
-)
+# The key itself is the node data: flattening and unflattening a key allocate nothing.
+jax.tree_util.register_pytree_node(StateKey, lambda key: ((), key), lambda key, _: key)
 
 
 class StateEntry(Generic[T]):

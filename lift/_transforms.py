@@ -6,6 +6,7 @@ JAX transform to the pure function(s) and says how the state enters and leaves i
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Hashable, Mapping, Sequence
 from typing import Any
 
@@ -18,7 +19,7 @@ from ._frame import _FRAME
 from ._keys import StateEntry, StateKey
 from ._lifting import Lifted, Pure
 from ._static import unmask
-from ._tracing import _ARRAY_TYPES, batched_here, is_array
+from ._tracing import batched_here, is_array
 
 __all__ = [
     "checkpoint",
@@ -36,8 +37,6 @@ __all__ = [
 ]
 
 # ---------------------------------------------------------------------------- jit
-
-_flatten = jax.tree_util.default_registry.flatten
 
 
 def _deleted_keys(tree: Any) -> list[str]:
@@ -72,7 +71,14 @@ def _refuse_consumed(tree: Any) -> None:
 
 
 class _Jit(Lifted):
-    """``lift.jit`` with a fast path for top-level calls whose leaves are all arrays."""
+    """``lift.jit``, with a direct path for top-level calls whose leaves are arrays.
+
+    The direct path hands the arguments to ``jax.jit`` untouched, so a call costs what
+    a ``jax.jit`` call costs: no flatten of our own. Whether every leaf is an array is
+    checked when ``jax.jit`` traces (once per signature), on the arguments of that very
+    call; the first call that has a static leaf switches this function to the general
+    path (non-array leaves static) for good.
+    """
 
     def __init__(
         self, f: Callable[..., Any], donate_state: bool, options: dict
@@ -81,6 +87,7 @@ class _Jit(Lifted):
         self._options = options
         self._donate = donate_state
         self._direct_ok = True
+        self._calling = threading.local()
         self._direct = jax.jit(
             self._plain, donate_argnums=(0,) if donate_state else (), **options
         )
@@ -88,11 +95,16 @@ class _Jit(Lifted):
         super().__init__((f,), self._run, name="jit")
 
     def _plain(self, *args: Any, **kwargs: Any) -> Any:
-        # Top level, all arguments arrays: `f` is a pure function jitted as is. Should
-        # it return non-arrays, fall back (once and for all) to the general path.
+        # Traced by the direct path's `jax.jit`: the arguments are tracers, so look at
+        # the ones this call was made with. A Python number is a valid JAX type but
+        # lift makes it static; so are non-array outputs: leave for the general path.
+        given = getattr(self._calling, "args", None)
+        if given is not None and not all(
+            map(is_array, jax.tree_util.tree_leaves(given))
+        ):
+            raise _Fallback
         out = self._f(*args, **kwargs)
         if not all(map(is_array, jax.tree_util.tree_leaves(out))):
-            self._direct_ok = False
             raise _Fallback
         return out
 
@@ -118,17 +130,26 @@ class _Jit(Lifted):
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         try:
-            if self._donate and args and _FRAME.get() is None:
-                _refuse_consumed(args[0])
             if self._direct_ok and _FRAME.get() is None:
-                leaves = _flatten((args, kwargs) if kwargs else args)[0]
-                if _ARRAY_TYPES.issuperset(map(type, leaves)) or all(
-                    map(is_array, leaves)
-                ):
-                    try:
-                        return self._direct(*args, **kwargs)
-                    except _Fallback:
-                        pass
+                if self._donate and args:
+                    _refuse_consumed(args[0])
+                calling = self._calling
+                calling.args = (args, kwargs)
+                try:
+                    return self._direct(*args, **kwargs)
+                except _Fallback:
+                    self._direct_ok = False
+                except TypeError:
+                    # JAX refused a leaf that is not an array (a str, a function):
+                    # the general path makes it static. Any other TypeError is real.
+                    leaves = jax.tree_util.tree_leaves((args, kwargs))
+                    if all(map(is_array, leaves)):
+                        raise
+                    self._direct_ok = False
+                finally:
+                    calling.args = None
+            elif self._donate and args and _FRAME.get() is None:
+                _refuse_consumed(args[0])
             return super().__call__(*args, **kwargs)
         except (RuntimeError, ValueError) as err:
             if "delete" in str(err) or "donat" in str(err):
