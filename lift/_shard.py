@@ -26,7 +26,7 @@ from ._errors import LiftTypeError, LiftValueError, describe
 from ._export import State, _predicate
 from ._keys import StateKey
 from ._lifting import Lifted, Pure
-from ._transforms import _arg_axes, _check_rank, _state_axes
+from ._transforms import mapped_axes
 
 __all__ = ["pmap", "shard_map"]
 
@@ -321,16 +321,7 @@ def pmap(
     jitted: dict[Pure, Callable[..., Any]] = {}
 
     def call(pure: Pure, state: State, args: tuple, kwargs: dict) -> Any:
-        spec = tuple(in_axes) if isinstance(in_axes, list) else in_axes
-        if not isinstance(spec, tuple):
-            spec = (spec,) * len(args)
-        if len(spec) != len(args):
-            raise LiftValueError(
-                f"`lift.pmap`: in_axes has {len(spec)} entries but the function got "
-                f"{len(args)} positional arguments; give one axis spec per argument."
-            )
-        axes = _state_axes(state, state_axes, _arg_axes(args, kwargs, spec))
-        _check_rank(state, axes, "pmap")
+        spec, axes = mapped_axes(state, state_axes, in_axes, args, kwargs, "pmap")
         keys = list(state)
         values = [state[k] for k in keys]
         leaves, treedef = jax.tree_util.tree_flatten((values, args, kwargs))

@@ -293,6 +293,26 @@ def _check_rank(state: State, axes: Mapping[StateKey, int | None], what: str) ->
                 )
 
 
+def mapped_axes(
+    state: State, state_axes: Any, in_axes: Any, args: tuple, kwargs: dict, what: str
+) -> tuple[tuple, dict[StateKey, int | None]]:
+    """One axis spec per argument, and the axis of each state key (None: shared).
+
+    Shared by the mapping transforms (``vmap``, ``pmap``).
+    """
+    spec = tuple(in_axes) if isinstance(in_axes, list) else in_axes
+    if not isinstance(spec, tuple):
+        spec = (spec,) * len(args)
+    if len(spec) != len(args):
+        raise LiftValueError(
+            f"`lift.{what}`: in_axes has {len(spec)} entries but the function got "
+            f"{len(args)} positional arguments; give one axis spec per argument."
+        )
+    axes = _state_axes(state, state_axes, _arg_axes(args, kwargs, spec))
+    _check_rank(state, axes, what)
+    return spec, axes
+
+
 def vmap(
     f: Callable[..., Any],
     in_axes: Any = 0,
@@ -327,18 +347,7 @@ def vmap(
     """
 
     def run(pures: Sequence[Pure], state: State, *args: Any, **kwargs: Any) -> Any:
-        spec = in_axes
-        if isinstance(spec, list):
-            spec = tuple(spec)
-        if not isinstance(spec, tuple):
-            spec = (spec,) * len(args)
-        if len(spec) != len(args):
-            raise LiftValueError(
-                f"`lift.vmap`: in_axes has {len(spec)} entries but the function got "
-                f"{len(args)} positional arguments; give one axis spec per argument."
-            )
-        axes = _state_axes(state, state_axes, _arg_axes(args, kwargs, spec))
-        _check_rank(state, axes, "vmap")
+        spec, axes = mapped_axes(state, state_axes, in_axes, args, kwargs, "vmap")
         shared = [k for k, a in axes.items() if a is None]
 
         def body(state: State, args: tuple, kwargs: dict) -> Any:
