@@ -17,19 +17,10 @@ from jax import lax  # noqa: E402
 
 import lift  # noqa: E402
 import lift.equinox as le  # noqa: E402
+from tests.integrations.parity import assert_same  # noqa: E402
 
 STEPS = 3
 BATCH = 4
-
-
-def assert_same(a: Any, b: Any) -> None:
-    """Same tree structure, and every leaf bitwise equal (same dtype too)."""
-    la, ta = jax.tree_util.tree_flatten(a)
-    lb, tb = jax.tree_util.tree_flatten(b)
-    assert ta == tb
-    for x, y in zip(la, lb, strict=True):
-        assert jnp.result_type(x) == jnp.result_type(y)
-        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
 # ------------------------------------------------------------------ the layers

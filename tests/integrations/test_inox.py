@@ -17,6 +17,7 @@ from jax import lax  # noqa: E402
 
 import lift  # noqa: E402
 import lift.inox as li  # noqa: E402
+from tests.integrations.parity import assert_same  # noqa: E402
 
 STEPS = 3
 BATCH = 8
@@ -28,16 +29,6 @@ def _allow_rank_promotion() -> Iterator[None]:
     # implicit rank promotion, which the suite otherwise turns into an error.
     with jax.numpy_rank_promotion("allow"):
         yield
-
-
-def assert_same(a: Any, b: Any) -> None:
-    """Same tree structure, and every leaf bitwise equal (same dtype too)."""
-    la, ta = jax.tree_util.tree_flatten(a)
-    lb, tb = jax.tree_util.tree_flatten(b)
-    assert ta == tb
-    for x, y in zip(la, lb, strict=True):
-        assert jnp.result_type(x) == jnp.result_type(y)
-        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
 def as_lift(inox_state: dict) -> dict:

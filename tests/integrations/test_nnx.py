@@ -10,25 +10,13 @@ nnx = pytest.importorskip("flax.nnx")
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
 from jax import lax  # noqa: E402
 
 import lift  # noqa: E402
 import lift.nnx as ln  # noqa: E402
+from tests.integrations.parity import assert_same  # noqa: E402
 
 STEPS = 3
-
-
-def assert_same(a: Any, b: Any) -> None:
-    """Same tree structure, and every leaf bitwise equal (same dtype too)."""
-    la, ta = jax.tree_util.tree_flatten(a)
-    lb, tb = jax.tree_util.tree_flatten(b)
-    assert ta == tb
-    for x, y in zip(la, lb, strict=True):
-        assert jnp.result_type(x) == jnp.result_type(y)
-        if jnp.issubdtype(jnp.result_type(x), jax.dtypes.prng_key):
-            x, y = jax.random.key_data(x), jax.random.key_data(y)
-        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
 def nnx_state(model: Any) -> dict:
