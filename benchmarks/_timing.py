@@ -122,8 +122,15 @@ def compare(
         current = fns if setup is None else setup(r)
         order = names if r % 2 == 0 else names[::-1]
         for name in order:
+            # As timeit does: collect between measurements, not during them, so that
+            # one function's garbage is not collected on another's clock.
             gc.collect()
-            timing.rounds[name].append(time_calls(current[name], number, block=block))
+            gc.disable()
+            try:
+                seconds = time_calls(current[name], number, block=block)
+            finally:
+                gc.enable()
+            timing.rounds[name].append(seconds)
     return timing
 
 

@@ -7,8 +7,8 @@ Two kinds of trees with 1k, 10k and 100k state leaves (two per layer):
   (the shape of ``eqx.nn.BatchNorm``'s state).
 
 ``export_state`` caches the keys of a tree *structure*, so the first export of a new
-structure ("cold": a fresh structure every round) and repeated exports of one tree
-("warm") are reported separately. The baseline is one
+structure ("cold": a fresh structure and an emptied cache every round) and repeated
+exports of one tree ("warm") are reported separately. The baseline is one
 :func:`jax.tree_util.tree_flatten_with_path` of the same tree, timed in the same
 interleaved rounds. Every leaf holds the same small array object: none of the timed
 functions touches array data.
@@ -21,6 +21,7 @@ Run alone with ``python -m benchmarks.export``.
 
 from __future__ import annotations
 
+import importlib
 from typing import Any
 
 import jax
@@ -73,6 +74,19 @@ def eqx_tree(leaves: int, tag: int = 0, entry: Any = lift.StateEntry) -> list:
     return [module(_LEAF, entry(_LEAF), entry(_LEAF), tag) for _ in range(leaves // 2)]
 
 
+def forget_structures() -> None:
+    """Empty lift's cache of keys per tree structure, so the next export is cold.
+
+    Without this, the many same-shaped trees built for the cold rounds would pile up
+    in the cache; ``PyTreeDef`` hashes ignore dict keys and static fields, so they all
+    collide and every lookup pays a full tree comparison per entry (see the report in
+    ``docs/benchmarks.md``): a real cost, but not the one this measure is about.
+    """
+    cache = getattr(importlib.import_module("lift._export"), "_KEY_CACHE", None)
+    if cache is not None:
+        cache.clear()
+
+
 def _flatten(tree: Any) -> Any:
     return jax.tree_util.tree_flatten_with_path(tree)
 
@@ -93,6 +107,7 @@ def measure_tree(kind: str, leaves: int, q: bool) -> list[dict[str, Any]]:
 
     def fresh(r: int) -> dict[str, Any]:
         tree = build(leaves, tag=r + 1)
+        forget_structures()
         return {
             "export": lambda: lift.export_state(tree),
             "flatten": lambda: _flatten(tree),
@@ -112,6 +127,7 @@ def measure_tree(kind: str, leaves: int, q: bool) -> list[dict[str, Any]]:
         )
     )
 
+    forget_structures()
     timing = compare(
         {"export": lambda: lift.export_state(tree), "flatten": lambda: _flatten(tree)},
         rounds=warm_rounds,
