@@ -89,8 +89,11 @@ def _is_entry(node: Any) -> bool:
 # Keys depend only on the tree structure, where its entries are, and which of them are
 # one shared object: a model exported again (after a restart, in a loop, ...) skips the
 # walk that names them.
-_KEY_CACHE: dict[Any, list[StateKey]] = {}
-_KEY_CACHE_SIZE = 64
+# A short most-recently-used list, not a dict: a treedef's hash ignores dict keys and
+# static fields, so same-shaped trees collide and every collision would cost a full
+# structure comparison. Re-exporting the same model hits the first entry.
+_KEY_CACHE: list[tuple[tuple[Any, ...], list[StateKey]]] = []
+_KEY_CACHE_SIZE = 8
 
 
 def _entry_keys(
@@ -104,13 +107,13 @@ def _entry_keys(
     """The key of each entry at ``positions`` of ``leaves``, from cache or a walk."""
     first: dict[int, int] = {}
     shared = tuple(first.setdefault(id(leaves[i]), n) for n, i in enumerate(positions))
-    cache_key = (treedef, prefix, is_leaf, tuple(positions), shared)
-    try:
-        keys = _KEY_CACHE.get(cache_key)
-    except TypeError:  # unhashable node data in the tree
-        cache_key, keys = None, None
-    if keys is not None:
-        return keys
+    # Cheap parts first: a tuple comparison stops at the first difference.
+    cache_key = (prefix, is_leaf, tuple(positions), shared, treedef)
+    for n, (known, keys) in enumerate(_KEY_CACHE):
+        if known == cache_key:
+            if n:
+                _KEY_CACHE.insert(0, _KEY_CACHE.pop(n))
+            return keys
     walker = _Paths(is_leaf)
     walker.walk(tree, "")
     keys = [StateKey(prefix + path) for path in walker.entries]
@@ -123,10 +126,8 @@ def _entry_keys(
             "share one name. Pass `prefix=` to root the new keys elsewhere, or import "
             "the old state first with `import_state`."
         )
-    if cache_key is not None:
-        if len(_KEY_CACHE) >= _KEY_CACHE_SIZE:
-            del _KEY_CACHE[next(iter(_KEY_CACHE))]
-        _KEY_CACHE[cache_key] = keys
+    _KEY_CACHE.insert(0, (cache_key, keys))
+    del _KEY_CACHE[_KEY_CACHE_SIZE:]
     return keys
 
 
