@@ -8,7 +8,7 @@ other functions here build new state dicts from old ones without mutating them.
 from __future__ import annotations
 
 import gc
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, TypeVar
 
 import jax
@@ -413,7 +413,8 @@ def merge_states(*states: Mapping[StateKey, Any]) -> State:
     return out
 
 
-def _predicate(filt: Any) -> Callable[[StateKey, Any], bool]:
+def as_predicate(filt: Any) -> Callable[[StateKey, Any], bool]:
+    """A filter (glob, StateKey, type or predicate) as a ``(key, value) -> bool``."""
     if isinstance(filt, StateKey):
         return lambda key, _: key == filt
     if isinstance(filt, str):
@@ -426,6 +427,23 @@ def _predicate(filt: Any) -> Callable[[StateKey, Any], bool]:
         f"A state filter must be a glob pattern (str), a StateKey, a type or a "
         f"predicate `(key, value) -> bool`; got {type(filt).__name__}: {filt!r}."
     )
+
+
+def match_filters(
+    state: Mapping[StateKey, Any],
+    table: Iterable[tuple[Filter, T]],
+    default: Callable[[StateKey], T],
+) -> dict[StateKey, T]:
+    """For each key, the option paired with the first filter of ``table`` it matches.
+
+    Keys no filter matches get ``default(key)``. This is how every per-filter option
+    (``partition_state``, ``state_axes``, ``state_specs``) is resolved.
+    """
+    preds = [(as_predicate(filt), option) for filt, option in table]
+    out: dict[StateKey, T] = {}
+    for key, value in state.items():
+        out[key] = next((o for p, o in preds if p(key, value)), default(key))
+    return out
 
 
 def filter_state(state: Mapping[StateKey, Any], *filters: Filter) -> State:
@@ -443,7 +461,7 @@ def filter_state(state: Mapping[StateKey, Any], *filters: Filter) -> State:
         >>> list(filter_state(state, "bn.*"))
         [StateKey("['bn']['mean']")]
     """
-    preds = [_predicate(f) for f in filters]
+    preds = [as_predicate(f) for f in filters]
     return {k: v for k, v in state.items() if any(p(k, v) for p in preds)}
 
 
@@ -464,13 +482,10 @@ def partition_state(
         >>> list(bn), list(rest)
         ([StateKey("['bn']")], [StateKey("['n']")])
     """
-    preds = [_predicate(f) for f in filters]
-    parts: list[State] = [{} for _ in range(len(preds) + 1)]
+    rest = len(filters)
+    table = [(filt, i) for i, filt in enumerate(filters)]
+    which = match_filters(state, table, lambda _: rest)
+    parts: list[State] = [{} for _ in range(rest + 1)]
     for key, value in state.items():
-        for i, pred in enumerate(preds):
-            if pred(key, value):
-                parts[i][key] = value
-                break
-        else:
-            parts[-1][key] = value
+        parts[which[key]][key] = value
     return tuple(parts)

@@ -23,7 +23,7 @@ import numpy as np
 from jax.sharding import Mesh, PartitionSpec
 
 from ._errors import LiftTypeError, LiftValueError, describe
-from ._export import State, _predicate
+from ._export import State, match_filters
 from ._keys import StateKey
 from ._lifting import Lifted, Pure
 from ._transforms import mapped_axes
@@ -113,11 +113,7 @@ def _state_specs(state: State, state_specs: Any) -> dict[StateKey, Any]:
             "globs, StateKeys, types or predicates (as in `lift.filter_state`); got "
             f"{type(state_specs).__name__}: {state_specs!r}."
         )
-    preds = [(_predicate(filt), spec) for filt, spec in state_specs.items()]
-    out: dict[StateKey, Any] = {}
-    for key, value in state.items():
-        out[key] = next((s for p, s in preds if p(key, value)), _REPLICATED)
-    return out
+    return match_filters(state, state_specs.items(), lambda _: _REPLICATED)
 
 
 def shard_map(

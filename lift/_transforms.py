@@ -14,7 +14,7 @@ import jax
 from jax import lax
 
 from ._errors import LiftTypeError, LiftValueError, describe
-from ._export import State, _predicate
+from ._export import State, match_filters
 from ._frame import _FRAME
 from ._keys import StateEntry, StateKey
 from ._lifting import Lifted, Pure
@@ -266,16 +266,7 @@ def _state_axes(
             "are globs, StateKeys, types or predicates; got "
             f"{type(state_axes).__name__}."
         )
-    preds = [(_predicate(filt), axis) for filt, axis in state_axes.items()]
-    out: dict[StateKey, int | None] = {}
-    for key, value in state.items():
-        for pred, axis in preds:
-            if pred(key, value):
-                out[key] = axis
-                break
-        else:
-            out[key] = inferred.get(key)
-    return out
+    return match_filters(state, state_axes.items(), inferred.get)
 
 
 def _check_rank(state: State, axes: Mapping[StateKey, int | None], what: str) -> None:

@@ -63,7 +63,7 @@ from jax.core import Tracer
 from numpy.lib import format as npy
 
 from ._errors import LiftTypeError, LiftValueError
-from ._export import State, _predicate
+from ._export import State, as_predicate
 from ._keys import StateKey
 from ._summary import StateSummary, SummaryRow, summary
 
@@ -668,7 +668,7 @@ def _like_state(like: Any, where: str) -> dict[StateKey, Any]:
 
 def _filter_list(filters: Filters) -> list[Callable[[StateKey, Any], bool]]:
     items = list(filters) if isinstance(filters, (list, tuple)) else [filters]
-    return [_predicate(f) for f in items]
+    return [as_predicate(f) for f in items]
 
 
 def _x64_missing(dtype: str) -> bool:
