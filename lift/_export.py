@@ -8,7 +8,9 @@ other functions here build new state dicts from old ones without mutating them.
 from __future__ import annotations
 
 import gc
+import operator
 from collections.abc import Callable, Iterable, Mapping
+from itertools import repeat
 from typing import Any, TypeVar
 
 import jax
@@ -16,7 +18,7 @@ import numpy as np
 
 from ._errors import LiftKeyError, LiftTypeError, LiftValueError, closest, describe
 from ._keys import StateEntry, StateKey, matches
-from ._tracing import _ArrayImpl as ArrayImpl
+from ._paths import entry_paths
 
 __all__ = [
     "State",
@@ -33,49 +35,9 @@ State = dict[StateKey, Any]
 Filter = str | StateKey | type | Callable[[StateKey, Any], bool]
 T = TypeVar("T")
 
-_registry = jax.tree_util.default_registry
-# Types that are always leaves, so the walk need not ask JAX's registry about them.
-_LEAF_TYPES = frozenset({int, float, complex, bool, str, bytes, np.ndarray, ArrayImpl})
-
-
-class _Paths:
-    """One walk over a tree, in JAX's flatten order, naming each entry by its path."""
-
-    def __init__(self, is_leaf: Callable[[Any], bool] | None) -> None:
-        self.is_leaf = is_leaf
-        self.entries: list[str] = []
-        self.existing: dict[str, str] = {}
-
-    def walk(self, node: Any, path: str) -> None:
-        kind = type(node)
-        if kind in _LEAF_TYPES or node is None:
-            return
-        if kind is StateEntry:
-            self.entries.append(path)
-            return
-        if kind is StateKey:
-            self.existing.setdefault(node, path)
-            return
-        if self.is_leaf is not None and self.is_leaf(node):
-            return
-        if kind is dict:
-            for k in sorted(node):
-                self.walk(node[k], f"{path}[{k!r}]")
-        elif kind is list or kind is tuple:
-            for i, child in enumerate(node):
-                self.walk(child, f"{path}[{i}]")
-        else:
-            flat = _registry.flatten_one_level_with_keys(node)
-            if flat is None:
-                return
-            if flat[1] is kind and isinstance(node, tuple) and hasattr(kind, "_fields"):
-                # JAX's own namedtuple rule. (0.10.2's `flatten_one_level_with_keys`
-                # repeats the first field's key for every child, so name them here.)
-                for name, child in zip(kind._fields, node, strict=True):
-                    self.walk(child, f"{path}.{name}")
-            else:
-                for k, child in flat[0]:
-                    self.walk(child, f"{path}{k}")
+_value = operator.attrgetter("value")
+_new_entry = StateEntry.__new__
+_set_value = vars(StateEntry)["value"].__set__  # the slot's descriptor
 
 
 def _is_key(node: Any) -> bool:
@@ -99,36 +61,55 @@ _KEY_CACHE_SIZE = 8
 def _entry_keys(
     tree: Any,
     treedef: Any,
-    leaves: list[Any],
     positions: list[int],
+    entries: list[StateEntry],
     prefix: str,
     is_leaf: Callable[[Any], bool] | None,
-) -> list[StateKey]:
-    """The key of each entry at ``positions`` of ``leaves``, from cache or a walk."""
-    first: dict[int, int] = {}
-    shared = tuple(first.setdefault(id(leaves[i]), n) for n, i in enumerate(positions))
+) -> tuple[list[StateKey], tuple[int, ...] | None]:
+    """The key of each entry and, if some entry is reached twice, who is first.
+
+    ``shared[n]`` is the index of the first occurrence of ``entries[n]``.
+    """
+    shared = None
+    if len(set(map(id, entries))) != len(entries):
+        first: dict[int, int] = {}
+        shared = tuple(first.setdefault(id(e), n) for n, e in enumerate(entries))
     # Cheap parts first: a tuple comparison stops at the first difference.
     cache_key = (prefix, is_leaf, tuple(positions), shared, treedef)
     for n, (known, keys) in enumerate(_KEY_CACHE):
         if known == cache_key:
             if n:
                 _KEY_CACHE.insert(0, _KEY_CACHE.pop(n))
-            return keys
-    walker = _Paths(is_leaf)
-    walker.walk(tree, "")
-    keys = [StateKey(prefix + path) for path in walker.entries]
-    keys = [keys[n] for n in shared]
-    clash = next((k for k in keys if k in walker.existing), None)
+            return keys, shared
+    found, paths, existing = entry_paths(tree, is_leaf)
+    if not _same_objects(found, entries):
+        found, paths, existing = entry_paths(tree, is_leaf, exact=True)
+        if not _same_objects(found, entries):
+            raise LiftValueError(
+                "`export_state`: naming the entries by their key paths found "
+                f"{len(found)} entries where `jax.tree_util.tree_flatten` finds "
+                f"{len(entries)}: a custom pytree node in this tree flattens "
+                "differently with and without keys. Make its `flatten_with_keys` "
+                "return the same children as its `flatten`."
+            )
+    keys = list(map(StateKey, map(prefix.__add__, paths) if prefix else paths))
+    if shared is not None:
+        keys = [keys[n] for n in shared]
+    clash = next((k for k in keys if k in existing), None) if existing else None
     if clash is not None:
         raise LiftValueError(
             f"`export_state` would create the key {str(clash)!r}, which is already in "
-            f"the tree at path {walker.existing[clash]!r}: two pieces of state would "
+            f"the tree at path {existing[clash]!r}: two pieces of state would "
             "share one name. Pass `prefix=` to root the new keys elsewhere, or import "
             "the old state first with `import_state`."
         )
     _KEY_CACHE.insert(0, (cache_key, keys))
     del _KEY_CACHE[_KEY_CACHE_SIZE:]
-    return keys
+    return keys, shared
+
+
+def _same_objects(found: list[Any], entries: list[Any]) -> bool:
+    return len(found) == len(entries) and all(map(operator.is_, found, entries))
 
 
 def export_state(
@@ -190,11 +171,15 @@ def export_state(
         positions = [i for i, x in enumerate(leaves) if type(x) is StateEntry]
         if not positions:
             return tree, {}
-        keys = _entry_keys(tree, treedef, leaves, positions, prefix, is_leaf)
-        state: State = {}
+        entries = [leaves[i] for i in positions]
+        keys, shared = _entry_keys(tree, treedef, positions, entries, prefix, is_leaf)
+        if shared is None:
+            state: State = dict(zip(keys, map(_value, entries), strict=True))
+        else:
+            state = {}
+            for key, entry in zip(keys, entries, strict=True):
+                state.setdefault(key, entry.value)
         for i, key in zip(positions, keys, strict=True):
-            if key not in state:
-                state[key] = leaves[i].value
             leaves[i] = key
         return treedef.unflatten(leaves), state
     finally:
@@ -232,34 +217,38 @@ def import_state(tree: T, state: Mapping[StateKey, Any], *, strict: bool = True)
             "`import_state` takes the state dict that `export_state` returned as its "
             f"second argument; got {type(state).__name__}."
         )
-    entries: dict[StateKey, StateEntry] = {}
-    missing: list[str] = []
     enabled = gc.isenabled()
     gc.disable()
     try:
         leaves, treedef = jax.tree_util.tree_flatten(tree, is_leaf=_is_key)
-        for i, leaf in enumerate(leaves):
-            if type(leaf) is StateKey:
-                entry = entries.get(leaf)
-                if entry is None:
-                    if leaf not in state:
-                        missing.append(str(leaf))
-                        continue
-                    entry = entries[leaf] = StateEntry(state[leaf])
-                leaves[i] = entry
+        positions = [i for i, x in enumerate(leaves) if type(x) is StateKey]
+        keys = [leaves[i] for i in positions]
+        unique = dict.fromkeys(keys)
+        missing = sorted(str(k) for k in unique if k not in state)
+        if missing:
+            listed = ", ".join(map(repr, missing))
+            raise LiftKeyError(
+                f"`import_state`: the tree uses {len(missing)} key(s) the state "
+                f"does not have: {listed}. {closest(missing[0], state)} Pass the "
+                "state that `export_state` returned for this tree (or "
+                "`merge_states` of several)."
+            )
+        # Entries made and filled by C-level maps: no Python call per entry.
+        entries = list(map(_new_entry, repeat(StateEntry, len(unique))))
+        list(map(_set_value, entries, map(state.__getitem__, unique)))
+        if len(unique) == len(keys):
+            placed = entries
+        else:  # a key used at several places is one shared entry
+            by_key = dict(zip(unique, entries, strict=True))
+            placed = [by_key[k] for k in keys]
+        for i, entry in zip(positions, placed, strict=True):
+            leaves[i] = entry
         new_tree = treedef.unflatten(leaves)
     finally:
         if enabled:
             gc.enable()
-    if missing:
-        listed = ", ".join(repr(m) for m in sorted(set(missing)))
-        raise LiftKeyError(
-            f"`import_state`: the tree uses {len(set(missing))} key(s) the state "
-            f"does not have: {listed}. {closest(missing[0], state)} Pass the state "
-            "that `export_state` returned for this tree (or `merge_states` of several)."
-        )
-    if strict and len(entries) != len(state):
-        unused = sorted(str(k) for k in state if k not in entries)
+    if strict and len(unique) != len(state):
+        unused = sorted(str(k) for k in state if k not in unique)
         raise LiftKeyError(
             f"`import_state`: the state has {len(unused)} key(s) the tree does not "
             f"use: {', '.join(map(repr, unused))}. Pass `strict=False` to ignore "
