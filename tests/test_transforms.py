@@ -105,6 +105,24 @@ def test_jit_non_array_leaves_are_static(model):
     assert int(new[tree["n"]]) == 2
 
 
+def test_jit_python_numbers_are_static_on_the_first_call(model):
+    # A Python int is a valid JAX argument: only lift's look at the call's own
+    # arguments (while `jax.jit` traces) can tell that it must be static.
+    tree, state = model
+
+    def g(x, k):
+        assert isinstance(k, int)
+        return _static_step(tree, jnp.negative, "plain", k, x)
+
+    f = lift.jit(lift.stateful(g))
+    out, new = f(state, jnp.ones(3), 3)
+    assert_close(out, -np.ones(3))
+    assert int(new[tree["n"]]) == 3
+    out, new = lift.jit(lift.stateful(g))(state, jnp.ones(3), k=2)
+    assert_close(out, np.ones(3))
+    assert int(new[tree["n"]]) == 2
+
+
 def test_jit_non_array_leaves_are_static_inside_frame(model):
     tree, state = model
     f = lift.jit(lambda fn, mode, k, x: _static_step(tree, fn, mode, k, x))
