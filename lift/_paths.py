@@ -41,8 +41,8 @@ _LEAF_TYPES = frozenset(
 # Per (type, node data, number of children): the key strings of the children.
 _NAMES: dict[tuple[Any, Any, int], tuple[str, ...]] = {}
 # Per custom node type: for an Equinox module class, the key strings and attribute
-# names of its dynamic fields; None for any other type.
-_FIELDS: dict[type, tuple[tuple[str, ...], tuple[str, ...]] | None] = {}
+# names of its dynamic fields (and those names as a set); None for any other type.
+_FIELDS: dict[type, tuple[tuple[str, ...], tuple[str, ...], frozenset[str]] | None] = {}
 # Both are bounded (cleared when full): node data may hold large objects.
 _MEMO_LIMIT = 10_000
 
@@ -97,9 +97,10 @@ class _Walk:
         if not self.exact:
             fields = _FIELDS[kind] if kind in _FIELDS else _module_fields(node, kind)
         if fields is not None:
-            names, attrs = fields
+            names, attrs, needed = fields
             values = object.__getattribute__(node, "__dict__")
-            return names, [values[a] for a in attrs]
+            if needed <= values.keys():
+                return names, [values[a] for a in attrs]
         flat = _registry.flatten_one_level(node)
         if flat is None:
             return (), ()
@@ -135,7 +136,7 @@ def _memo_names(node: Any, kind: type, aux: Any, n: int) -> tuple[str, ...]:
 
 
 def _module_fields(node: Any, kind: type) -> Any:
-    """``(key strings, attributes)`` of an Equinox module class's dynamic fields.
+    """``(key strings, attributes, attribute set)`` of an Equinox module's fields.
 
     ``None`` when ``kind`` is not an Equinox module, or when its fields are not what
     JAX flattens (checked on this first instance of the class).
@@ -159,7 +160,7 @@ def _module_fields(node: Any, kind: type) -> Any:
                 for (k, child), a in zip(keyed[0], attrs, strict=True)
             )
         ):
-            fields = (tuple(f".{a}" for a in attrs), attrs)
+            fields = (tuple(f".{a}" for a in attrs), attrs, frozenset(attrs))
     if len(_FIELDS) >= _MEMO_LIMIT:
         _FIELDS.clear()
     _FIELDS[kind] = fields
