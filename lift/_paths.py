@@ -6,9 +6,10 @@ JAX's flatten order and remembers, per node type, how children are named:
 
 * dicts, lists and tuples are named here (``['k']``, ``[0]``), as JAX names them;
 * namedtuples by their fields (``.x``);
-* Equinox modules by their dynamic fields (``.weight``), read with ``getattr``: an
-  Equinox module's flatten depends on its class only, and the plan of a class is
-  checked against ``flatten_one_level_with_keys`` on its first instance;
+* Equinox modules by their dynamic fields (``.weight``), read from the instance
+  ``__dict__`` (Equinox's ``__getattribute__`` is slow): an Equinox module's flatten
+  depends on its class only, and the plan of a class is checked against
+  ``flatten_one_level_with_keys`` on its first instance;
 * any other node by ``flatten_one_level`` and the key strings remembered for its
   ``(type, node data, number of children)``, asked of ``flatten_one_level_with_keys``
   once: a tree structure has one set of key paths.
@@ -115,6 +116,8 @@ class _Walk:
             if len(names) == len(kids):
                 return names, kids
         keyed = _registry.flatten_one_level_with_keys(node)
+        if keyed is None:
+            return (), ()
         return [str(k) for k, _ in keyed[0]], [child for _, child in keyed[0]]
 
 
