@@ -151,3 +151,52 @@ def test_lowered_apply_cannot_add_state() -> None:
     f = hk.without_apply_rng(hk.transform_with_state(grows))
     with pytest.raises(ValueError, match="never added silently"):
         lift.stateful(lh.lower(f.apply, {}))({}, {}, jnp.ones(()))
+
+
+def test_ensemble_under_vmap_matches_haiku_under_jax_vmap() -> None:
+    # Four members, each with its own parameters and state, on the same batch.
+    f = hk.transform_with_state(net)
+    xs = jax.random.normal(jax.random.key(7), (16, 4))
+    params, hk_state = jax.vmap(lambda k: f.init(k, xs, True))(
+        jax.random.split(jax.random.key(0), 4)
+    )
+    ys_hk, new_hk = jax.jit(jax.vmap(lambda p, s: f.apply(p, s, None, xs, True)))(
+        params, hk_state
+    )
+
+    state = lh.from_haiku(hk_state)
+    apply = lh.lower(f.apply, hk_state)
+    members = lift.vmap(lambda p: apply(p, None, xs, True), state_axes=0)
+    ys, new = lift.jit(lift.stateful(members))(state, params)
+    assert_same(ys, ys_hk)
+    assert_same(lh.to_haiku(new, hk_state), new_hk)
+    assert new[lift.StateKey("['~']['calls']")].tolist() == [1, 1, 1, 1]
+
+
+def test_batch_statistics_across_vmap_match_haiku() -> None:
+    # Per-example calls whose BatchNorm reduces over the vmapped axis by name.
+    def per_example(x: jax.Array) -> jax.Array:
+        bn = hk.BatchNorm(True, True, decay_rate=0.9, cross_replica_axis="batch")
+        return bn(hk.Linear(3)(x), is_training=True)
+
+    f = hk.transform_with_state(per_example)
+    xs = jax.random.normal(jax.random.key(3), (8, 4))
+    params, hk_state = jax.vmap(
+        lambda x: f.init(jax.random.key(0), x), axis_name="batch"
+    )(xs)
+    params = jax.tree_util.tree_map(lambda p: p[0], params)
+    hk_state = jax.tree_util.tree_map(lambda s: s[0], hk_state)
+    ys_hk, new_hk = jax.vmap(
+        lambda x: f.apply(params, hk_state, None, x),
+        axis_name="batch",
+        out_axes=(0, None),
+    )(xs)
+
+    state = lh.from_haiku(hk_state)
+    apply = lh.lower(f.apply, hk_state)
+    batched = lift.vmap(lambda x: apply(params, None, x), axis_name="batch")
+    ys, new = lift.stateful(batched)(state, xs)
+    assert_same(ys, ys_hk)
+    assert_same(lh.to_haiku(new, hk_state), new_hk)
+    hidden = lift.StateKey("['batch_norm/~/mean_ema']['hidden']")
+    assert not jnp.array_equal(new[hidden], state[hidden])  # one shared update

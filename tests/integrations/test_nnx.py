@@ -183,3 +183,59 @@ def test_lowered_write_is_checked() -> None:
     tree, state = ln.from_nnx(Grows())
     with pytest.raises(ValueError, match=r"'\.n'"):
         lift.stateful(ln.lower(tree))(state, jnp.ones(2))
+
+
+class Member(nnx.Module):
+    """Linear then BatchNorm; ``axis_name`` makes the statistics span a vmap."""
+
+    def __init__(self, rngs: nnx.Rngs, axis_name: str | None = None) -> None:
+        self.l = nnx.Linear(4, 3, rngs=rngs)
+        self.bn = nnx.BatchNorm(3, momentum=0.9, axis_name=axis_name, rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.bn(self.l(x))
+
+
+def test_ensemble_under_vmap_matches_nnx_vmap() -> None:
+    def create() -> Member:
+        @nnx.split_rngs(splits=4)
+        @nnx.vmap(in_axes=(0,))
+        def make(rngs: nnx.Rngs) -> Member:
+            return Member(rngs)
+
+        return make(nnx.Rngs(0))
+
+    xs, _ = data()
+    model = create()
+    tree, state = ln.from_nnx(create())
+    assert state[lift.StateKey(".bn.mean")].shape == (4, 3)
+
+    @nnx.jit
+    @nnx.vmap(in_axes=(0, None))
+    def nnx_members(m: Member, x: jax.Array) -> jax.Array:
+        return m(x)
+
+    members = lift.vmap(lambda t, x: ln.lower(t)(x), in_axes=(0, None), state_axes=0)
+    for x in xs:
+        ys_nnx = nnx_members(model, x)
+        ys, state = lift.jit(lift.stateful(members))(state, tree, x)
+        assert_same(ys, ys_nnx)
+        assert_same(state, nnx_state(model))
+
+
+def test_batch_statistics_across_vmap_match_nnx() -> None:
+    # Per-example calls; BatchNorm reduces over the vmapped axis by its name.
+    def per_example(m: Member, x: jax.Array) -> jax.Array:
+        return m(x[None])[0]
+
+    xs, _ = data()
+    model = Member(nnx.Rngs(0), axis_name="batch")
+    tree, state = ln.from_nnx(Member(nnx.Rngs(0), axis_name="batch"))
+    nnx_batched = nnx.vmap(per_example, in_axes=(None, 0), axis_name="batch")
+    lowered = ln.lower(tree)
+    batched = lift.vmap(lambda x: lowered(x[None])[0], axis_name="batch")
+    for x in xs:
+        ys_nnx = nnx_batched(model, x)
+        ys, state = lift.stateful(batched)(state, x)
+        assert_same(ys, ys_nnx)
+        assert_same(state, nnx_state(model))
