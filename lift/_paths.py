@@ -44,6 +44,7 @@ _NAMES: dict[tuple[Any, Any, int], tuple[str, ...]] = {}
 # Per custom node type: for an Equinox module class, the key strings and attribute
 # names of its dynamic fields (and those names as a set); None for any other type.
 _FIELDS: dict[type, tuple[tuple[str, ...], tuple[str, ...], frozenset[str]] | None] = {}
+_UNSEEN = object()
 # Both are bounded (cleared when full): node data may hold large objects.
 _MEMO_LIMIT = 10_000
 
@@ -84,7 +85,15 @@ class _Walk:
                 elif type(child) not in _LEAF_TYPES:
                     self.walk(child, f"{path}[{i}]")
         else:
-            names, children = self.children(node, kind)
+            fields: Any = None if self.exact else _FIELDS.get(kind, _UNSEEN)
+            if fields is _UNSEEN:
+                fields = _module_fields(node, kind)
+            values = object.__getattribute__(node, "__dict__") if fields else None
+            if values is not None and fields[2] <= values.keys():
+                # An Equinox module: its dynamic fields, straight from its __dict__.
+                names, children = fields[0], map(values.__getitem__, fields[1])
+            else:
+                names, children = self.children(node, kind)
             for name, child in zip(names, children, strict=True):
                 if type(child) is StateEntry:
                     entries.append(child)
@@ -94,14 +103,6 @@ class _Walk:
 
     def children(self, node: Any, kind: type) -> tuple[Any, Any]:
         """The key strings and the children of a custom node (empty for a leaf)."""
-        fields = None
-        if not self.exact:
-            fields = _FIELDS[kind] if kind in _FIELDS else _module_fields(node, kind)
-        if fields is not None:
-            names, attrs, needed = fields
-            values = object.__getattribute__(node, "__dict__")
-            if needed <= values.keys():
-                return names, [values[a] for a in attrs]
         flat = _registry.flatten_one_level(node)
         if flat is None:
             return (), ()
