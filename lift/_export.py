@@ -38,6 +38,7 @@ T = TypeVar("T")
 _value = operator.attrgetter("value")
 _new_entry = StateEntry.__new__
 _set_value = vars(StateEntry)["value"].__set__  # the slot's descriptor
+_NESTING = frozenset({StateEntry, StateKey})
 
 
 def _is_key(node: Any) -> bool:
@@ -233,9 +234,18 @@ def import_state(tree: T, state: Mapping[StateKey, Any], *, strict: bool = True)
                 "state that `export_state` returned for this tree (or "
                 "`merge_states` of several)."
             )
+        values = list(map(state.__getitem__, unique))
+        if not _NESTING.isdisjoint(map(type, values)):
+            pairs = zip(unique, values, strict=True)
+            key = next(k for k, v in pairs if type(v) in _NESTING)
+            raise LiftTypeError(
+                f"`import_state`: the state's value for {str(key)!r} is a "
+                f"{type(state[key]).__name__}; entries do not nest. Pass the state "
+                "`export_state` returned, whose values are arrays (or pytrees of them)."
+            )
         # Entries made and filled by C-level maps: no Python call per entry.
-        entries = list(map(_new_entry, repeat(StateEntry, len(unique))))
-        list(map(_set_value, entries, map(state.__getitem__, unique)))
+        entries = list(map(_new_entry, repeat(StateEntry, len(values))))
+        list(map(_set_value, entries, values))
         if len(unique) == len(keys):
             placed = entries
         else:  # a key used at several places is one shared entry

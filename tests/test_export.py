@@ -241,6 +241,15 @@ def test_entries_do_not_nest():
         StateEntry(StateKey("['a']"))
 
 
+@pytest.mark.parametrize("bad", [StateEntry(1), StateKey("['b']")], ids=type)
+def test_import_refuses_a_state_value_that_would_nest(bad):
+    out, state = export_state({"a": StateEntry(1), "c": StateEntry(2)})
+    state = {**state, StateKey("['a']"): bad}
+    with pytest.raises(TypeError, match=r"\['a'\].*do not nest") as info:
+        import_state(out, state)
+    assert isinstance(info.value, lift.LiftError)
+
+
 # ---------------------------------------------------------------------- properties
 
 

@@ -105,3 +105,16 @@ def test_node_flattening_differently_with_keys_is_refused():
     with pytest.raises(ValueError, match="flattens differently") as info:
         export_state(tree)
     assert isinstance(info.value, lift.LiftError)
+
+
+def test_full_memos_are_emptied_and_the_keys_stay_right(monkeypatch):
+    import lift._paths as paths
+
+    monkeypatch.setattr(paths, "_MEMO_LIMIT", 1)
+    trees = [
+        [Named([f"n{i}"], [StateEntry(jnp.zeros(1))]) for i in range(3)],
+        [Named(["a", "b"], [StateEntry(jnp.zeros(1)), StateEntry(jnp.ones(1))])],
+    ]
+    for tree in trees * 2:
+        check_walks(tree)
+    assert len(paths._NAMES) <= 1
