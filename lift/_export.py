@@ -72,7 +72,7 @@ def _entry_keys(
     ``shared[n]`` is the index of the first occurrence of ``entries[n]``.
     """
     shared = None
-    if len(set(map(id, entries))) != len(entries):
+    if len(set(entries)) != len(entries):  # entries hash by identity
         first: dict[int, int] = {}
         shared = tuple(first.setdefault(id(e), n) for n, e in enumerate(entries))
     # Cheap parts first: a tuple comparison stops at the first difference.

@@ -56,6 +56,15 @@ def test_state_holds_the_entry_values_themselves(case):
         assert state[key] is entry.value
 
 
+def test_two_equal_entries_are_two_keys():
+    # Sharing is object identity: entries must not compare (or hash) by value.
+    a, b = StateEntry(1), StateEntry(1)
+    assert StateEntry.__hash__ is object.__hash__
+    assert a != b
+    _, state = export_state([a, b])
+    assert list(map(str, state)) == ["[0]", "[1]"]
+
+
 def test_shared_entry_is_shared_again_after_import():
     entry = StateEntry(jnp.zeros(2))
     tree = {"a": entry, "b": [entry], "c": StateEntry(jnp.ones(2))}
