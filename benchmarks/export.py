@@ -6,15 +6,17 @@ Two kinds of trees with 1k, 10k and 100k state leaves (two per layer):
 * ``eqx``: a list of Equinox modules, each with a weight and two ``StateEntry`` fields
   (the shape of ``eqx.nn.BatchNorm``'s state).
 
-``export_state`` caches the keys of a tree *structure*, so the first export of a new
-structure ("cold": a fresh structure and an emptied cache every round) and repeated
-exports of one tree ("warm") are reported separately. (What lift remembers per node
-*class*, such as an Equinox module's fields, stays: it is learned once per process.)
-The baseline is one :func:`jax.tree_util.tree_flatten_with_path` of the tree with its
-entries (for ``import_state``, the tree it returns), timed in the same interleaved
-rounds. An anchor row shows the floor: ``tree_flatten`` plus ``unflatten`` of the
-tree, which any export does before it names a single entry. Every leaf holds the same
-small array object: none of the timed functions touches array data.
+``export_state`` walks the tree in Python and rebuilds only the containers holding an
+entry; it remembers the key names of custom nodes per node data. The first export of
+a new structure ("cold": a fresh tree of a new structure and emptied memos every
+round) and repeated exports of one tree ("warm", whose objects are hot in the CPU's
+caches) are reported separately. (What lift learns per node *class*, such as an
+Equinox module's fields, stays: it is learned once per process.) The baseline is one
+:func:`jax.tree_util.tree_flatten_with_path` of the tree with its entries (for
+``import_state``, the tree it returns), timed in the same interleaved rounds. An
+anchor row shows what an export built on JAX's flatten would pay before naming a
+single entry: ``tree_flatten`` plus ``unflatten`` of the tree. Every leaf holds the
+same small array object: none of the timed functions touches array data.
 
 Also: a jitted call on a dict of 1,000 ``StateKey`` keys vs the same dict keyed by
 ``str`` (a state dict costs what a plain dict costs in ``jax.jit``).
@@ -78,17 +80,14 @@ def eqx_tree(leaves: int, tag: int = 0, entry: Any = lift.StateEntry) -> list:
 
 
 def forget_structures() -> None:
-    """Empty lift's caches of keys per tree structure, so the next export is cold.
+    """Empty lift's memo of custom nodes' key names: the next export is cold.
 
-    Without this, the many same-shaped trees built for the cold rounds would pile up
-    in the cache; ``PyTreeDef`` hashes ignore dict keys and static fields, so they all
-    collide and every lookup pays a full tree comparison per entry (see the report in
-    ``docs/benchmarks.md``): a real cost, but not the one this measure is about.
+    (The trees here hold no custom node other than Equinox modules, which are named
+    per class; the memo is emptied so that a future tree kind stays measured cold.)
     """
-    for module, name in (("lift._export", "_KEY_CACHE"), ("lift._paths", "_NAMES")):
-        cache = getattr(importlib.import_module(module), name, None)
-        if cache is not None:
-            cache.clear()
+    memo = getattr(importlib.import_module("lift._swap"), "_NAMES", None)
+    if memo is not None:
+        memo.clear()
 
 
 def _flatten(tree: Any) -> Any:
@@ -147,7 +146,7 @@ def measure_tree(kind: str, leaves: int, q: bool) -> list[dict[str, Any]]:
             timing.median("flatten"),
             None,
             ratio=timing.ratio("floor", "flatten"),
-            note="what any export must do besides naming the entries",
+            note="an export built on JAX's flatten, before naming the entries",
         )
     )
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import gc
 import operator
 from collections.abc import Callable, Iterable, Mapping
-from itertools import repeat
 from typing import Any, TypeVar
 
 import jax
@@ -18,7 +17,7 @@ import numpy as np
 
 from ._errors import LiftKeyError, LiftTypeError, LiftValueError, closest, describe
 from ._keys import StateEntry, StateKey, matches
-from ._paths import entry_paths
+from ._swap import export_entries, import_keys
 
 __all__ = [
     "State",
@@ -41,76 +40,43 @@ _set_value = vars(StateEntry)["value"].__set__  # the slot's descriptor
 _NESTING = frozenset({StateEntry, StateKey})
 
 
-def _is_key(node: Any) -> bool:
-    return type(node) is StateKey
-
-
 def _is_entry(node: Any) -> bool:
     return type(node) is StateEntry
 
 
-# Keys depend only on the tree structure, where its entries are, and which of them are
-# one shared object: a model exported again (after a restart, in a loop, ...) skips the
-# walk that names them.
-# A short most-recently-used list, not a dict: a treedef's hash ignores dict keys and
-# static fields, so same-shaped trees collide and every collision would cost a full
-# structure comparison. Re-exporting the same model hits the first entry.
-_KEY_CACHE: list[tuple[tuple[Any, ...], list[StateKey]]] = []
-_KEY_CACHE_SIZE = 8
+def _shared_export(
+    tree: Any, prefix: str, is_leaf: Callable[[Any], bool] | None
+) -> tuple[Any, State]:
+    """Export a tree in which one entry is reached twice, in JAX's flatten order.
 
-
-def _entry_keys(
-    tree: Any,
-    treedef: Any,
-    positions: list[int],
-    entries: list[StateEntry],
-    prefix: str,
-    is_leaf: Callable[[Any], bool] | None,
-) -> tuple[list[StateKey], tuple[int, ...] | None]:
-    """The key of each entry and, if some entry is reached twice, who is first.
-
-    ``shared[n]`` is the index of the first occurrence of ``entries[n]``.
+    Its first path names the key, used at every place. Rare enough to afford JAX's
+    own path flatten.
     """
-    shared = None
-    if len(set(entries)) != len(entries):  # entries hash by identity
-        first: dict[int, int] = {}
-        shared = tuple(first.setdefault(id(e), n) for n, e in enumerate(entries))
-    # Cheap parts first: a tuple comparison stops at the first difference.
-    cache_key = (prefix, is_leaf, tuple(positions), shared, treedef)
-    for n, (known, keys) in enumerate(_KEY_CACHE):
-        if known == cache_key:
-            if n:
-                _KEY_CACHE.insert(0, _KEY_CACHE.pop(n))
-            return keys, shared
-    found, paths, existing = entry_paths(tree, is_leaf)
-    if not _same_objects(found, entries):
-        found, paths, existing = entry_paths(tree, is_leaf, exact=True)
-        if not _same_objects(found, entries):
-            raise LiftValueError(
-                "`export_state`: naming the entries by their key paths found "
-                f"{len(found)} entries where `jax.tree_util.tree_flatten` finds "
-                f"{len(entries)}: a custom pytree node in this tree flattens "
-                "differently with and without keys. Make its `flatten_with_keys` "
-                "return the same children as its `flatten`."
-            )
-    keys = list(map(StateKey, map(prefix.__add__, paths) if prefix else paths))
-    if shared is not None:
-        keys = [keys[n] for n in shared]
-    clash = next((k for k in keys if k in existing), None) if existing else None
-    if clash is not None:
-        raise LiftValueError(
-            f"`export_state` would create the key {str(clash)!r}, which is already in "
-            f"the tree at path {existing[clash]!r}: two pieces of state would "
-            "share one name. Pass `prefix=` to root the new keys elsewhere, or import "
-            "the old state first with `import_state`."
-        )
-    _KEY_CACHE.insert(0, (cache_key, keys))
-    del _KEY_CACHE[_KEY_CACHE_SIZE:]
-    return keys, shared
+    leaf = _is_entry if is_leaf is None else lambda x: _is_entry(x) or is_leaf(x)
+    flat, treedef = jax.tree_util.tree_flatten_with_path(tree, is_leaf=leaf)
+    keys: dict[StateEntry, StateKey] = {}
+    state: State = {}
+    leaves = []
+    for path, x in flat:
+        if type(x) is StateEntry:
+            key = keys.get(x)
+            if key is None:
+                key = keys[x] = StateKey(prefix + jax.tree_util.keystr(path))
+                if key in state:
+                    _collision(key, "the key of another entry")
+                state[key] = x.value
+            x = key
+        leaves.append(x)
+    return treedef.unflatten(leaves), state
 
 
-def _same_objects(found: list[Any], entries: list[Any]) -> bool:
-    return len(found) == len(entries) and all(map(operator.is_, found, entries))
+def _collision(key: StateKey, where: str) -> None:
+    raise LiftValueError(
+        f"`export_state` would create the key {str(key)!r} twice: it is already "
+        f"{where}. Two pieces of state would share one name. Pass `prefix=` to "
+        "root the new keys elsewhere, import the old state first with "
+        "`import_state`, or give a custom node's children distinct keys."
+    )
 
 
 def export_state(
@@ -161,28 +127,19 @@ def export_state(
     enabled = gc.isenabled()
     gc.disable()
     try:
-        # Keys already in the tree stay nodes, so they are part of `treedef` (and of
-        # the cache key: a tree whose old keys differ is walked, and checked, anew).
-        if is_leaf is None:
-            leaves, treedef = jax.tree_util.tree_flatten(tree, is_leaf=_is_entry)
-        else:
-            leaves, treedef = jax.tree_util.tree_flatten(
-                tree, is_leaf=lambda x: _is_entry(x) or is_leaf(x)
-            )
-        positions = [i for i, x in enumerate(leaves) if type(x) is StateEntry]
-        if not positions:
+        new_tree, walk = export_entries(tree, prefix, is_leaf)
+        entries, state = walk.entries, walk.state
+        if not entries:
             return tree, {}
-        entries = [leaves[i] for i in positions]
-        keys, shared = _entry_keys(tree, treedef, positions, entries, prefix, is_leaf)
-        if shared is None:
-            state: State = dict(zip(keys, map(_value, entries), strict=True))
-        else:
-            state = {}
-            for key, entry in zip(keys, entries, strict=True):
-                state.setdefault(key, entry.value)
-        for i, key in zip(positions, keys, strict=True):
-            leaves[i] = key
-        return treedef.unflatten(leaves), state
+        # An entry reached twice (entries hash by identity), or two entries named
+        # alike by a custom node: JAX's flatten order decides, or names the clash.
+        if len(state) != len(entries) or len(set(entries)) != len(entries):
+            new_tree, state = _shared_export(tree, prefix, is_leaf)
+        existing = walk.existing
+        if existing and not existing.keys().isdisjoint(state):
+            key = next(k for k in state if k in existing)
+            _collision(key, f"in the tree at path {existing[key][len(prefix) :]!r}")
+        return new_tree, state
     finally:
         if enabled:
             gc.enable()
@@ -221,44 +178,29 @@ def import_state(tree: T, state: Mapping[StateKey, Any], *, strict: bool = True)
     enabled = gc.isenabled()
     gc.disable()
     try:
-        leaves, treedef = jax.tree_util.tree_flatten(tree, is_leaf=_is_key)
-        positions = [i for i, x in enumerate(leaves) if type(x) is StateKey]
-        keys = [leaves[i] for i in positions]
-        unique = dict.fromkeys(keys)
-        missing = sorted(str(k) for k in unique if k not in state)
-        if missing:
-            listed = ", ".join(map(repr, missing))
-            raise LiftKeyError(
-                f"`import_state`: the tree uses {len(missing)} key(s) the state "
-                f"does not have: {listed}. {closest(missing[0], state)} Pass the "
-                "state that `export_state` returned for this tree (or "
-                "`merge_states` of several)."
-            )
-        values = list(map(state.__getitem__, unique))
-        if not _NESTING.isdisjoint(map(type, values)):
-            pairs = zip(unique, values, strict=True)
-            key = next(k for k, v in pairs if type(v) in _NESTING)
-            raise LiftTypeError(
-                f"`import_state`: the state's value for {str(key)!r} is a "
-                f"{type(state[key]).__name__}; entries do not nest. Pass the state "
-                "`export_state` returned, whose values are arrays (or pytrees of them)."
-            )
-        # Entries made and filled by C-level maps: no Python call per entry.
-        entries = list(map(_new_entry, repeat(StateEntry, len(values))))
-        list(map(_set_value, entries, values))
-        if len(unique) == len(keys):
-            placed = entries
-        else:  # a key used at several places is one shared entry
-            by_key = dict(zip(unique, entries, strict=True))
-            placed = [by_key[k] for k in keys]
-        for i, entry in zip(positions, placed, strict=True):
-            leaves[i] = entry
-        new_tree = treedef.unflatten(leaves)
+        new_tree, walk = import_keys(tree, state)
     finally:
         if enabled:
             gc.enable()
-    if strict and len(unique) != len(state):
-        unused = sorted(str(k) for k in state if k not in unique)
+    made = walk.made
+    if not made.keys() <= state.keys():
+        missing = sorted(str(k) for k in made if k not in state)
+        listed = ", ".join(map(repr, missing))
+        raise LiftKeyError(
+            f"`import_state`: the tree uses {len(missing)} key(s) the state "
+            f"does not have: {listed}. {closest(missing[0], state)} Pass the "
+            "state that `export_state` returned for this tree (or "
+            "`merge_states` of several)."
+        )
+    if not _NESTING.isdisjoint(map(type, map(_value, made.values()))):
+        key = next(k for k, e in made.items() if type(e.value) in _NESTING)
+        raise LiftTypeError(
+            f"`import_state`: the state's value for {str(key)!r} is a "
+            f"{type(state[key]).__name__}; entries do not nest. Pass the state "
+            "`export_state` returned, whose values are arrays (or pytrees of them)."
+        )
+    if strict and len(made) != len(state):
+        unused = sorted(str(k) for k in state if k not in made)
         raise LiftKeyError(
             f"`import_state`: the state has {len(unused)} key(s) the tree does not "
             f"use: {', '.join(map(repr, unused))}. Pass `strict=False` to ignore "

@@ -151,12 +151,13 @@ def _row(path: str, leaf: Any) -> SummaryRow:
 def summary(state: Mapping[Any, Any] | str | os.PathLike[str]) -> StateSummary:
     """A table of every array in ``state``: path, shape, dtype, bytes, totals.
 
-    A value that is a pytree gets one row per leaf, its path extended by the leaf's
-    path. A ``sharding`` column appears when any array spans several devices.
-    Values may also be :class:`jax.ShapeDtypeStruct` (what :func:`jax.eval_shape`
-    gives), to size a state before building it. Given a path instead of a state,
-    it summarises a file written by :func:`lift.io.save_state` from its manifest,
-    without reading the arrays.
+    Rows are sorted by key, as JAX orders a dict. A value that is a pytree gets one
+    row per leaf, its path extended by the leaf's path. A ``sharding`` column
+    appears when any array spans several devices. Values may also be
+    :class:`jax.ShapeDtypeStruct` (what :func:`jax.eval_shape` gives), to size a
+    state before building it. Given a path instead of a state, it summarises a file
+    written by :func:`lift.io.save_state` from its manifest, without reading the
+    arrays.
 
     Args:
         state: a state dict, or the path of a state file.
@@ -191,7 +192,8 @@ def summary(state: Mapping[Any, Any] | str | os.PathLike[str]) -> StateSummary:
             f"{type(state).__name__}."
         )
     rows = []
-    for key, value in state.items():
+    # Sorted by key, as JAX orders a dict: equal states (in any order) read the same.
+    for key, value in sorted(state.items(), key=lambda item: str(item[0])):
         for path, leaf in jax.tree_util.tree_flatten_with_path(value)[0]:
             rows.append(_row(str(key) + jax.tree_util.keystr(path), leaf))
     return StateSummary(tuple(rows))

@@ -1099,7 +1099,8 @@ def _file_rows(path: PathLike) -> list[SummaryRow]:
     with open(path, "rb") as file:
         archive = _Archive(file, path, "summary")
     rows = []
-    for entry in archive.entries:
+    # Sorted by key, as `summary` sorts a state.
+    for entry in sorted(archive.entries, key=lambda e: e.key):
         for leaf in entry.leaves:
             nbytes = math.prod(leaf.stored_shape) * np.dtype(leaf.stored_dtype).itemsize
             rows.append(

@@ -956,9 +956,10 @@ def test_summary_shows_sharding_only_when_sharded(mesh):
     text = summary(state)
     lines = text.splitlines()
     assert lines[0].split()[-1] == "sharding"
-    assert "P('x',) over 8 devices" in lines[1]
-    assert "replicated over 8 devices" in lines[2]
-    assert lines[3].endswith("1 device")
+    # Rows are sorted by key: r, s, w.
+    assert "replicated over 8 devices" in lines[1]
+    assert lines[2].endswith("1 device")
+    assert "P('x',) over 8 devices" in lines[3]
     assert lines[-1].endswith("(32.0 KiB)")
 
 
