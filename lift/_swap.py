@@ -155,7 +155,7 @@ class Export:
             if seq is None:
                 return node
             return seq if kind is list else tuple(seq)
-        fields = _FIELDS.get(kind, _UNSEEN)
+        fields: Any = _FIELDS.get(kind, _UNSEEN)
         if fields is _UNSEEN:
             fields = _module_fields(node, kind)
         if fields is not None:
@@ -252,7 +252,7 @@ class Import:
             if seq is None:
                 return node
             return seq if kind is list else tuple(seq)
-        fields = _FIELDS.get(kind, _UNSEEN)
+        fields: Any = _FIELDS.get(kind, _UNSEEN)
         if fields is _UNSEEN:
             fields = _module_fields(node, kind)
         if fields is not None:
