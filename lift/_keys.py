@@ -49,8 +49,34 @@ class StateKey(str):
         return str(self)
 
 
-# The key itself is the node data: flattening and unflattening a key allocate nothing.
-jax.tree_util.register_pytree_node(StateKey, lambda key: ((), key), lambda key, _: key)
+class _NodeData(dict):
+    """A key's node data: ``{(): key}``, so that ``dict.get(data, ())`` is the key.
+
+    It compares as the key does, and prints as it.
+    """
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return repr(self[()])
+
+
+class _Flattened(dict):
+    """``key -> ((), node data)``: a key's flatten, made once per key."""
+
+    def __missing__(self, key: StateKey) -> tuple[tuple[()], _NodeData]:
+        if len(self) >= _FLATTENED_LIMIT:
+            self.clear()  # bounded; a key flattened again is made again
+        flat = self[key] = ((), _NodeData({(): key}))
+        return flat
+
+
+_FLATTENED_LIMIT = 100_000
+_FLATTENED = _Flattened()
+# A key is a node with no children. JAX calls its flatten and unflatten on every
+# `jax.jit` dispatch (for the arguments and the outputs); both are C-level here, a dict
+# lookup each, rather than Python functions: no Python frame per key per call.
+jax.tree_util.register_pytree_node(StateKey, _FLATTENED.__getitem__, dict.get)
 
 
 class StateEntry(Generic[T]):

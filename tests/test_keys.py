@@ -129,6 +129,24 @@ def test_key_is_a_childless_pytree_node():
     assert again == key
     # The path is part of the structure: different keys, different structures.
     assert treedef != jax.tree_util.tree_structure(StateKey("['b']"))
+    assert treedef == jax.tree_util.tree_structure(StateKey("['a']"))
+    assert hash(treedef) == hash(jax.tree_util.tree_structure(StateKey("['a']")))
+    assert "StateKey(\"['a']\")" in str(treedef)  # printed as the key
+
+
+def test_key_flattens_through_a_bounded_memo(monkeypatch):
+    import lift._keys as keys
+
+    monkeypatch.setattr(keys, "_FLATTENED_LIMIT", 2)
+    built = [StateKey(f"['k{i}']") for i in range(5)]
+    defs = [jax.tree_util.tree_structure({"k": k}) for k in built]
+    assert len(keys._FLATTENED) <= 2
+    # Structures made before the memo was emptied still unflatten to their key.
+    for key, treedef in zip(built, defs, strict=True):
+        again = jax.tree_util.tree_unflatten(treedef, [])["k"]
+        assert type(again) is StateKey
+        assert again == key
+        assert treedef == jax.tree_util.tree_structure({"k": StateKey(str(key))})
 
 
 def _exported(case: Case):
