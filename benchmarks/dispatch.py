@@ -261,7 +261,7 @@ def layer_counts(q: bool) -> tuple[int, ...]:
 
 def layer_scaling(q: bool) -> dict[str, Any]:
     """Added time per extra stateful layer, lift vs hand-written (slope ratio)."""
-    rounds, number = (3, 30) if q else (21, 200)
+    rounds, number = (3, 30) if q else (41, 200)
     xs, lift_ts, hand_ts = [], [], []
     for layers in layer_counts(q):
         timing = time_steps(

@@ -107,7 +107,7 @@ def _plan(leaves: int, q: bool) -> tuple[int, int, int]:
     """(cold rounds, warm rounds, calls per warm round) for a tree size."""
     if q:
         return {1_000: (5, 5, 5), 10_000: (3, 3, 1)}.get(leaves, (2, 2, 1))
-    return {1_000: (41, 41, 20), 10_000: (21, 21, 3)}.get(leaves, (5, 5, 1))
+    return {1_000: (41, 41, 20), 10_000: (21, 21, 3)}.get(leaves, (7, 7, 1))
 
 
 def measure_tree(kind: str, leaves: int, q: bool) -> list[dict[str, Any]]:

@@ -116,7 +116,7 @@ def main(quick_run: bool | None = None) -> list[dict[str, Any]]:
         row("jaxpr equations, scan (recursive)", lift_eqns, hand_eqns, 1.0, unit="eqns")
     )
 
-    rounds, number = (5, 20) if q else (41, 200)
+    rounds, number = (5, 20) if q else (41, 1000)
     timing = compare(
         {"lift": lambda: lifted(*lift_args), "hand": lambda: hand(*hand_args)},
         rounds=rounds,

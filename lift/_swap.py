@@ -212,16 +212,14 @@ class Import:
         """``node`` with its keys swapped for entries (itself if it holds none)."""
         # As `Export.walk`, without paths: an import needs none.
         kind = type(node)
-        made, get = self.made, self.get
+        setdefault, get = self.made.setdefault, self.get
         if kind is dict:
             out = None
             for k in node:
                 child = node[k]
                 if type(child) is StateKey:
-                    new = made.get(child)
-                    if new is None:
-                        new = made[child] = _new_entry(StateEntry)
-                        _set_value(new, get(child, _MISSING))
+                    new = setdefault(child, _new_entry(StateEntry))
+                    _set_value(new, get(child, _MISSING))
                 elif type(child) in _LEAF_TYPES:
                     continue
                 else:
@@ -236,10 +234,8 @@ class Import:
             seq = None
             for i, child in enumerate(node):
                 if type(child) is StateKey:
-                    new = made.get(child)
-                    if new is None:
-                        new = made[child] = _new_entry(StateEntry)
-                        _set_value(new, get(child, _MISSING))
+                    new = setdefault(child, _new_entry(StateEntry))
+                    _set_value(new, get(child, _MISSING))
                 elif type(child) in _LEAF_TYPES:
                     continue
                 else:
@@ -262,10 +258,8 @@ class Import:
                 for attr in fields[1]:
                     child = values[attr]
                     if type(child) is StateKey:
-                        new = made.get(child)
-                        if new is None:
-                            new = made[child] = _new_entry(StateEntry)
-                            _set_value(new, get(child, _MISSING))
+                        new = setdefault(child, _new_entry(StateEntry))
+                        _set_value(new, get(child, _MISSING))
                     elif type(child) in _LEAF_TYPES:
                         continue
                     else:
@@ -280,10 +274,8 @@ class Import:
         changed = None
         for slot, child in zip(slots, children, strict=True):
             if type(child) is StateKey:
-                new = made.get(child)
-                if new is None:
-                    new = made[child] = _new_entry(StateEntry)
-                    _set_value(new, get(child, _MISSING))
+                new = setdefault(child, _new_entry(StateEntry))
+                _set_value(new, get(child, _MISSING))
             elif type(child) in _LEAF_TYPES:
                 continue
             else:
