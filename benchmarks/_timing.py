@@ -86,7 +86,7 @@ class Timing:
 
 
 def compare(
-    fns: dict[str, Callable[[], Any]],
+    fns: dict[str, Callable[[], Any] | Sequence[Callable[[], Any]]],
     *,
     rounds: int,
     number: int = 1,
@@ -97,7 +97,11 @@ def compare(
     """Time each callable of ``fns`` in ``rounds`` interleaved rounds.
 
     Args:
-        fns: name -> zero-argument callable; all are timed in each round.
+        fns: name -> zero-argument callable, or a list of copies of it (separately
+            built and compiled: each executable and its buffers land at their own
+            addresses, which moves one copy's time by a percent or two). Every
+            callable is timed in each round; a name's time for the round is the
+            mean over its copies, and the copies of all names are interleaved.
         rounds: how many rounds; the order of the callables alternates each round.
         number: calls per round of each callable (timed together).
         warmup: untimed calls of each callable before the first round.
@@ -112,26 +116,41 @@ def compare(
         The :class:`Timing` of every round.
     """
     names = list(fns)
-    for fn in fns.values():
-        for _ in range(warmup):
-            out = fn()
-            if block:
-                jax.block_until_ready(out)
+    for copies in map(_copies, fns.values()):
+        for fn in copies:
+            for _ in range(warmup):
+                out = fn()
+                if block:
+                    jax.block_until_ready(out)
     timing = Timing(names)
     for r in range(rounds):
         current = fns if setup is None else setup(r)
+        groups = {name: _copies(current[name]) for name in names}
         order = names if r % 2 == 0 else names[::-1]
-        for name in order:
-            # As timeit does: collect between measurements, not during them, so that
-            # one function's garbage is not collected on another's clock.
-            gc.collect()
-            gc.disable()
-            try:
-                seconds = time_calls(current[name], number, block=block)
-            finally:
-                gc.enable()
-            timing.rounds[name].append(seconds)
+        seconds: dict[str, list[float]] = {name: [] for name in names}
+        for i in range(max(map(len, groups.values()))):
+            for name in order:
+                if i >= len(groups[name]):
+                    continue
+                # As timeit does: collect between measurements, not during them, so
+                # that one function's garbage is not collected on another's clock.
+                gc.collect()
+                gc.disable()
+                try:
+                    seconds[name].append(
+                        time_calls(groups[name][i], number, block=block)
+                    )
+                finally:
+                    gc.enable()
+        for name in names:
+            timing.rounds[name].append(statistics.fmean(seconds[name]))
     return timing
+
+
+def _copies(
+    fn: Callable[[], Any] | Sequence[Callable[[], Any]],
+) -> Sequence[Callable[[], Any]]:
+    return fn if isinstance(fn, (list, tuple)) else [fn]
 
 
 def fit_slope(xs: Sequence[float], ys: Sequence[float]) -> float:

@@ -6,7 +6,8 @@ writes the statistics with ``lift.get``/``lift.set`` inside ``lift.scan``, under
 ``lift.jit(lift.stateful(...))``; the hand-written one carries them in the
 ``lax.scan`` carry, under ``jax.jit``.
 
-Measures: run time per call (target <= 1.05), compile time of
+Measures: run time per call (target <= 1.05; each side is the mean of three
+separately compiled copies, as in ``benchmarks.dispatch``), compile time of
 ``jax.jit(f).lower(...).compile()`` with fresh function objects every round so no
 cache helps either side (target <= 1.05), and jaxpr equation counts, scan body
 included (must be equal).
@@ -26,7 +27,7 @@ from jax import lax
 import lift
 
 from ._timing import compare, print_rows, quick, row
-from .dispatch import eqn_count, running
+from .dispatch import COPIES, eqn_count, running
 
 __all__ = ["STEPS", "build_hand", "build_lift", "main"]
 
@@ -117,8 +118,14 @@ def main(quick_run: bool | None = None) -> list[dict[str, Any]]:
     )
 
     rounds, number = (5, 20) if q else (41, 1000)
+    copies = 1 if q else COPIES
+    lifts = [(lifted, lift_args)] + [build_lift() for _ in range(copies - 1)]
+    hands = [(hand, hand_args)] + [build_hand() for _ in range(copies - 1)]
     timing = compare(
-        {"lift": lambda: lifted(*lift_args), "hand": lambda: hand(*hand_args)},
+        {
+            "lift": [lambda f=f, a=a: f(*a) for f, a in lifts],
+            "hand": [lambda f=f, a=a: f(*a) for f, a in hands],
+        },
         rounds=rounds,
         number=number,
         warmup=3,
