@@ -11,13 +11,16 @@ is the mean of three separately compiled copies); two anchor
 rows split it into what the data layout costs (the same explicit step written by hand,
 with the statistics keyed by the ``StateKey`` s that live in the model) and what lift's
 own code adds on top of that. Also the added time per extra stateful layer (slope over
-1..32 layers, target <= 1.1 x hand-written) and the jaxpr equation counts (equal).
+1..32 layers, every count of both steps in the same interleaved rounds; target <= 1.1 x
+hand-written) and the jaxpr equation counts (equal).
 
 Run alone with ``python -m benchmarks.dispatch``.
 """
 
 from __future__ import annotations
 
+import statistics
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -36,6 +39,7 @@ __all__ = [
     "layer_counts",
     "main",
     "same_layout_step",
+    "slopes",
     "time_steps",
 ]
 
@@ -276,27 +280,52 @@ def layer_counts(q: bool) -> tuple[int, ...]:
     return QUICK_LAYERS if q else LAYERS
 
 
+def slopes(
+    build: Callable[[int], Any], counts: Sequence[int], *, rounds: int, number: int
+) -> tuple[float, float, float]:
+    """Added time per layer of ``build``'s step and of the hand-written step.
+
+    Every layer count of both steps is timed in the same interleaved rounds; each
+    round gives a slope for each side (least squares over the layer counts).
+    Returns ``(slope, hand-written slope, median over rounds of their ratio)``, the
+    slopes from the per-count median times.
+    """
+    steps = {}
+    for layers in counts:
+        steps[f"step {layers}"] = build(layers)
+        steps[f"hand {layers}"] = build_hand(layers)
+    timing = time_steps(steps, rounds=rounds, number=number)
+
+    def slope(side: str, times: Callable[[str], float]) -> float:
+        return fit_slope(counts, [times(f"{side} {n}") for n in counts])
+
+    ratios = [
+        slope("step", lambda k, r=r: timing.rounds[k][r])
+        / slope("hand", lambda k, r=r: timing.rounds[k][r])
+        for r in range(rounds)
+    ]
+    return (
+        slope("step", timing.median),
+        slope("hand", timing.median),
+        statistics.median(ratios),
+    )
+
+
 def layer_scaling(q: bool) -> dict[str, Any]:
     """Added time per extra stateful layer, lift vs hand-written (slope ratio)."""
     rounds, number = (3, 30) if q else (41, 200)
-    xs, lift_ts, hand_ts = [], [], []
-    for layers in layer_counts(q):
-        timing = time_steps(
-            {"lift": build_lift(layers), "hand": build_hand(layers)},
-            rounds=rounds,
-            number=number,
-        )
-        xs.append(layers)
-        lift_ts.append(timing.median("lift"))
-        hand_ts.append(timing.median("hand"))
-    lift_slope, hand_slope = fit_slope(xs, lift_ts), fit_slope(xs, hand_ts)
+    counts = layer_counts(q)
+    lift_slope, hand_slope, ratio = slopes(
+        build_lift, counts, rounds=rounds, number=number
+    )
     return row(
         "added dispatch per stateful layer",
         lift_slope,
         hand_slope,
         1.1,
+        ratio=ratio,
         unit="us/layer",
-        note="slope over " + ", ".join(map(str, layer_counts(q))) + " layers",
+        note="slope over " + ", ".join(map(str, counts)) + " layers",
     )
 
 

@@ -26,7 +26,6 @@ import jax.numpy as jnp
 from . import dispatch
 from ._timing import (
     compare,
-    fit_slope,
     print_rows,
     quick,
     row,
@@ -271,22 +270,19 @@ def dispatch_rows(q: bool) -> list[dict[str, Any]]:
                 ratio=timing.ratio("lib", "hand"),
             )
         )
-        lib_ts, hand_ts = [], []
-        counts = dispatch.layer_counts(q)
-        for layers in counts:
-            timing = dispatch.time_steps(
-                {"lib": build(layers), "hand": dispatch.build_hand(layers)},
-                rounds=layer_rounds,
-                number=layer_number,
-            )
-            lib_ts.append(timing.median("lib"))
-            hand_ts.append(timing.median("hand"))
+        lib_slope, hand_slope, ratio = dispatch.slopes(
+            build,
+            dispatch.layer_counts(q),
+            rounds=layer_rounds,
+            number=layer_number,
+        )
         rows.append(
             row(
                 f"added dispatch per layer, {name}",
-                fit_slope(counts, lib_ts),
-                fit_slope(counts, hand_ts),
+                lib_slope,
+                hand_slope,
                 None,
+                ratio=ratio,
                 unit="us/layer",
             )
         )

@@ -215,8 +215,7 @@ class Import:
         setdefault, get = self.made.setdefault, self.get
         if kind is dict:
             out = None
-            for k in node:
-                child = node[k]
+            for k, child in node.items():
                 if type(child) is StateKey:
                     new = setdefault(child, _new_entry(StateEntry))
                     _set_value(new, get(child, _MISSING))
