@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextvars
 import functools
+import weakref
 from collections.abc import Callable, Mapping
 from typing import Any, ParamSpec, TypeVar
 
@@ -27,7 +28,7 @@ from ._export import State, check_value
 from ._keys import StateEntry, StateKey
 from ._tracing import dead_tracer, get_opaque_trace_state
 
-__all__ = ["Frame", "current_frame", "get", "lower", "set", "stateful"]
+__all__ = ["Frame", "current_frame", "get", "is_pure", "lower", "set", "stateful"]
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -338,7 +339,25 @@ def stateful(
 
     pure.__lift_implicit__ = f  # type: ignore[attr-defined]
     pure.__lift_mutable__ = mutable  # type: ignore[attr-defined]
+    _PURE.add(pure)
     return pure
+
+
+# The functions `stateful` made. Membership, not an attribute: `functools.wraps` copies
+# attributes onto wrappers that may well use an enclosing frame's state.
+_PURE: weakref.WeakSet[Callable[..., Any]] = weakref.WeakSet()
+
+
+def is_pure(f: Any) -> bool:
+    """Whether ``f`` was made by :func:`stateful`: it uses no enclosing frame's state.
+
+    Its ``get`` and ``set`` go to the frame it makes itself, so a lifted transform of
+    it has no implicit state to thread.
+    """
+    try:
+        return f in _PURE
+    except TypeError:  # not weakly referenceable
+        return False
 
 
 def lower(g: Callable[..., tuple[R, Mapping[Any, Any]]]) -> Callable[..., R]:

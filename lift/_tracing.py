@@ -6,13 +6,21 @@ touches one small module.
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from typing import Any
 
 import jax
 from jax._src import core as _core
 from jax.extend.core import get_opaque_trace_state
 
-__all__ = ["batched_here", "dead_tracer", "get_opaque_trace_state", "is_array"]
+__all__ = [
+    "batched_here",
+    "dead_tracer",
+    "get_opaque_trace_state",
+    "is_array",
+    "with_cache_miss",
+]
 
 try:
     from jax._src.interpreters.batching import BatchTracer as _BatchTracer
@@ -73,3 +81,34 @@ def dead_tracer(x: Any) -> bool:
 
 
 _UNKNOWN = object()
+
+
+def with_cache_miss(
+    jitted: Any, cache_miss: Callable[..., tuple[Any, Any, bool]]
+) -> Callable[..., Any] | None:
+    """``jitted`` (a ``jax.jit`` function) with its slow path replaced, or ``None``.
+
+    ``jax.jit``'s C++ dispatch calls its Python slow path only when no compiled
+    signature matches, with the call's own arguments, and caches what it returns,
+    ``(outputs, fastpath data or None, rebuild)``; with ``None`` nothing is cached.
+    The copy made here calls ``cache_miss(jax_miss, *args, **kwargs)`` instead, where
+    ``jax_miss`` is JAX's own slow path: Python runs only on a miss, and a hit costs
+    exactly what a ``jax.jit`` call costs. ``None`` if this JAX has no such hook.
+    """
+    try:
+        from jax._src.lib import _jax  # pyright: ignore[reportPrivateImportUsage]
+
+        state = jitted.__getstate__()
+        return _jax.pjit(
+            state["function_name"],
+            state["fun"],
+            functools.partial(cache_miss, state["cache_miss"]),
+            state["static_argnums"],
+            state["static_argnames"],
+            state["global_cache_key"],
+            state["pytree_registry"],
+            state["shard_arg_fallback"],
+            state["cache"],
+        )
+    except (ImportError, AttributeError, KeyError, TypeError):  # pragma: no cover
+        return None

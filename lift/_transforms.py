@@ -6,7 +6,7 @@ JAX transform to the pure function(s) and says how the state enters and leaves i
 
 from __future__ import annotations
 
-import sys
+import operator
 from collections.abc import Callable, Hashable, Mapping, Sequence
 from typing import Any
 
@@ -15,11 +15,11 @@ from jax import lax
 
 from ._errors import LiftTypeError, LiftValueError, describe
 from ._export import State, match_filters
-from ._frame import _FRAME
+from ._frame import _FRAME, is_pure
 from ._keys import StateEntry, StateKey
 from ._lifting import Lifted, Pure
 from ._static import unmask
-from ._tracing import batched_here, is_array
+from ._tracing import batched_here, is_array, with_cache_miss
 
 __all__ = [
     "checkpoint",
@@ -51,6 +51,9 @@ def _deleted_keys(tree: Any) -> list[str]:
 
 
 def _donated_error(args: Any, err: Exception) -> Exception:
+    """The clearer error if ``err`` is XLA's about a consumed buffer, else ``err``."""
+    if "delete" not in str(err) and "donat" not in str(err):
+        return err
     where = _deleted_keys(args)
     if not where:
         return err
@@ -71,14 +74,25 @@ def _refuse_consumed(tree: Any) -> None:
 
 
 class _Jit(Lifted):
-    """``lift.jit``, with a direct path for top-level calls whose leaves are arrays.
+    """``lift.jit``: calls go straight to ``jax.jit``'s C++ dispatch where they can.
 
-    The direct path hands the arguments to ``jax.jit`` untouched, so a call costs what
-    a ``jax.jit`` call costs: no flatten of our own. Whether every leaf is an array is
-    checked when ``jax.jit`` traces (once per signature), on the arguments of that very
-    call; the first call that has a static leaf switches this function to the general
-    path (non-array leaves static) for good.
+    A call is ``self._call(*args, **kwargs)``, looked up by a C-level property, so
+    lift adds no Python frame of its own. ``self._call`` is one of:
+
+    - ``self._fast``: ``jax.jit`` of the function, whose slow path (run only when no
+      compiled signature matches) is lift's :meth:`_miss`. A function made by
+      :func:`lift.stateful` is pure, so there is no frame's state to thread: without
+      donation its calls take this path directly and cost what ``jax.jit`` costs.
+    - :meth:`_checked`: checks in Python first. Inside a frame it takes the general
+      path, which threads that frame's state; with ``donate_state`` it refuses a state
+      that an earlier call consumed before dispatch (XLA can crash on it).
+    - :meth:`_general`: non-array leaves of the arguments and outputs become static
+      structure (:class:`~lift._lifting.Lifted`). The first call that has such a leaf
+      (a str, a function, a Python number) switches the function to it for good.
     """
+
+    # A property, not a method: `instance(...)` then runs no Python code of lift's.
+    __call__ = property(operator.attrgetter("_call"))  # type: ignore[assignment]
 
     def __init__(
         self, f: Callable[..., Any], donate_state: bool, options: dict
@@ -86,41 +100,43 @@ class _Jit(Lifted):
         self._jitted: dict[Pure, Callable[..., Any]] = {}
         self._options = options
         self._donate = donate_state
-        # The direct path's `jax.jit`, or None once a call needed the general path.
-        self._direct: Callable[..., Any] | None = jax.jit(
-            self._plain, donate_argnums=(0,) if donate_state else (), **options
-        )
         self._f = f
         super().__init__((f,), self._run, name="jit")
+        plain = jax.jit(
+            self._plain, donate_argnums=(0,) if donate_state else (), **options
+        )
+        self._fast = with_cache_miss(plain, self._miss)
+        self._call: Callable[..., Any]
+        if self._fast is None:  # pragma: no cover - a JAX without the hook
+            self._call = self._general
+        elif is_pure(f) and not donate_state:
+            self._call = self._fast
+        else:
+            self._call = self._checked
+
+    def _miss(
+        self, jax_miss: Callable[..., Any], *args: Any, **kwargs: Any
+    ) -> tuple[Any, Any, bool]:
+        # C++ found no compiled signature for these arguments (the call's own).
+        if all(map(is_array, jax.tree_util.tree_leaves((args, kwargs)))):
+            try:
+                return jax_miss(*args, **kwargs)
+            except _Fallback:
+                pass
+        # A leaf that is not an array: a Python number would be a valid JAX argument,
+        # but lift makes it static, as it does strs and functions. `None`: no
+        # fast path for this call, so nothing is cached in C++.
+        self._call = self._general
+        return self._general(*args, **kwargs), None, False
 
     def _plain(self, *args: Any, **kwargs: Any) -> Any:
-        # Traced by the direct path's `jax.jit`: the arguments are tracers, so look at
-        # the ones this call was made with. A Python number is a valid JAX type but
-        # lift makes it static; so are non-array outputs: leave for the general path.
-        given = self._call_args()
-        if given is not None and not all(
-            map(is_array, jax.tree_util.tree_leaves(given))
-        ):
-            raise _Fallback
+        # Traced by `jax.jit` (or called eagerly under `jax.disable_jit`).
         out = self._f(*args, **kwargs)
         if not all(map(is_array, jax.tree_util.tree_leaves(out))):
+            if jax.config.jax_disable_jit:  # type: ignore[attr-defined]
+                return out
             raise _Fallback
         return out
-
-    def _call_args(self) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
-        """The arguments of the ``__call__`` of this function now tracing, if any.
-
-        Tracing runs inside that call, in this thread, so its frame is on the stack:
-        reading it there costs nothing on the calls that do not trace (a thread-local
-        set and reset around every dispatch would cost each call a few tenths of a
-        microsecond).
-        """
-        frame = sys._getframe(2)
-        while frame is not None:
-            if frame.f_code is _CALL_CODE and frame.f_locals.get("self") is self:
-                return frame.f_locals["args"], frame.f_locals["kwargs"]
-            frame = frame.f_back
-        return None
 
     def _run(
         self, pures: Sequence[Pure], state: State, *args: Any, **kwargs: Any
@@ -142,33 +158,27 @@ class _Jit(Lifted):
             self._jitted[pures[0]] = fn
         return fn(state, *args, **kwargs)
 
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+    def _checked(self, *args: Any, **kwargs: Any) -> Any:
+        if _FRAME.get() is not None:
+            return self._general(*args, **kwargs)
+        if self._donate and args:
+            _refuse_consumed(args[0])
         try:
-            direct = self._direct
-            if direct is not None and _FRAME.get() is None:
-                if self._donate and args:
-                    _refuse_consumed(args[0])
-                try:
-                    return direct(*args, **kwargs)
-                except _Fallback:
-                    self._direct = None
-                except TypeError:
-                    # JAX refused a leaf that is not an array (a str, a function):
-                    # the general path makes it static. Any other TypeError is real.
-                    leaves = jax.tree_util.tree_leaves((args, kwargs))
-                    if all(map(is_array, leaves)):
-                        raise
-                    self._direct = None
-            elif self._donate and args and _FRAME.get() is None:
-                _refuse_consumed(args[0])
-            return super().__call__(*args, **kwargs)
+            return self._fast(*args, **kwargs)  # type: ignore[misc]
         except (RuntimeError, ValueError) as err:
-            if "delete" in str(err) or "donat" in str(err):
-                raise _donated_error((args, kwargs), err) from err
-            raise
+            better = _donated_error((args, kwargs), err)
+            if better is err:
+                raise
+            raise better from err
 
-
-_CALL_CODE = _Jit.__call__.__code__
+    def _general(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return Lifted.__call__(self, *args, **kwargs)
+        except (RuntimeError, ValueError) as err:
+            better = _donated_error((args, kwargs), err)
+            if better is err:
+                raise
+            raise better from err
 
 
 class _Fallback(Exception):

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import functools
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -73,6 +76,127 @@ def test_jit_at_top_level(model):
 def test_jit_of_pure_function_at_top_level_is_jax_jit():
     f = lift.jit(lambda x, y: x * y + 1)
     assert_close(f(jnp.arange(3.0), 2.0), np.arange(3.0) * 2 + 1)
+
+
+def _python_calls_during(fn, *args):
+    """The Python functions entered while ``fn(*args)`` runs (C ones not counted)."""
+    entered = []
+
+    def profile(frame, event, arg):
+        if event == "call":
+            entered.append(f"{frame.f_code.co_filename}:{frame.f_code.co_name}")
+
+    sys.setprofile(profile)
+    try:
+        fn(*args)
+    finally:
+        sys.setprofile(None)
+    return entered
+
+
+def test_jit_of_stateful_runs_no_python_on_a_compiled_call(model):
+    # A pure function at top level, its signature compiled: the call is jax.jit's
+    # own C++ dispatch, with no Python frame of lift's (or of anyone's) around it.
+    tree, state = model
+    step = lift.jit(lift.stateful(lambda x: accumulate(tree, x)))
+    x = jnp.ones(3)
+    _, state = step(state, x)
+    assert _python_calls_during(step, state, x) == []
+    # The plain jax.jit of the same pure function enters no Python code either.
+    plain = jax.jit(lift.stateful(lambda x: accumulate(tree, x)))
+    plain(state, x)
+    assert _python_calls_during(plain, state, x) == []
+
+
+def test_jit_of_stateful_inside_a_frame_keeps_both_states_apart(model):
+    tree, state = model
+    inner_tree, inner_state = lift.export_state({"k": lift.StateEntry(jnp.zeros(()))})
+
+    def bump(x):
+        lift.set(inner_tree["k"], lift.get(inner_tree["k"]) + x)
+        return 2 * x
+
+    step = lift.jit(lift.stateful(bump))
+    step(inner_state, jnp.ones(()))  # compiled before any frame exists
+
+    def outer(x):
+        y, new_inner = step(inner_state, x)
+        return accumulate(tree, y), new_inner
+
+    (total, new_inner), new = lift.stateful(outer)(state, jnp.full((), 3.0))
+    assert float(new_inner[inner_tree["k"]]) == 3.0
+    assert set(new) == set(state)
+    assert_close(new[tree["acc"]], 6 * W)
+    assert_close(total, np.sum(6 * W))
+
+
+def test_jit_of_a_wrapper_of_stateful_threads_the_enclosing_frame(model):
+    # `functools.wraps` copies a stateful function's attributes onto a wrapper that
+    # also uses the enclosing frame's state: lift.jit must still thread that state.
+    tree, state = model
+    inner_tree, inner_state = lift.export_state({"k": lift.StateEntry(jnp.zeros(()))})
+    pure = lift.stateful(lambda x: x + lift.get(inner_tree["k"]))
+
+    @functools.wraps(pure)
+    def wrapper(x):
+        out, _ = pure(inner_state, x)
+        tick(tree)  # the enclosing frame's counter
+        return out
+
+    jitted = lift.jit(wrapper)
+    _, new = lift.stateful(lambda x: jitted(x))(state, jnp.ones(()))
+    assert int(new[tree["n"]]) == 1
+
+
+def test_jit_takes_static_leaves_after_compiled_array_calls(model):
+    tree, state = model
+    seen = []
+
+    def g(x, scale):
+        seen.append(type(scale))  # at trace time: a tracer, or the static value
+        tick(tree)
+        return x * scale
+
+    f = lift.jit(lift.stateful(g))
+    out, s1 = f(state, jnp.ones(3), jnp.float32(2))  # an array: dynamic, compiled
+    out, s2 = f(s1, jnp.ones(3), jnp.float32(3))
+    assert len(seen) == 1
+    assert issubclass(seen[0], jax.core.Tracer)
+    assert_close(out, 3 * np.ones(3))
+    out, s3 = f(s2, jnp.ones(3), 4.0)  # a Python float: static from now on
+    assert seen[1:] == [float]
+    assert_close(out, 4 * np.ones(3))
+    out, s4 = f(s3, jnp.ones(3), jnp.float32(5))  # arrays still work, traced anew
+    assert_close(out, 5 * np.ones(3))
+    assert issubclass(seen[-1], jax.core.Tracer)
+    assert int(s4[tree["n"]]) == 4
+
+
+def test_jit_under_disable_jit_returns_outputs_as_they_are(model):
+    tree, state = model
+
+    def g(x):
+        return accumulate(tree, x), "tag"
+
+    f = lift.jit(lift.stateful(g))
+    with jax.disable_jit():
+        (total, tag), new = f(state, jnp.ones(3))
+    assert tag == "tag"
+    assert_close(total, np.sum(W))
+    assert int(new[tree["n"]]) == 1
+
+
+def test_jit_without_the_cpp_hook_takes_the_general_path(model, monkeypatch):
+    # A JAX whose jit offers no slow-path hook: every call takes lift's general path.
+    monkeypatch.setattr(lift._transforms, "with_cache_miss", lambda *a: None)
+    tree, state = model
+    step = lift.jit(lift.stateful(lambda x, k: _static_step(tree, jnp.sin, "", k, x)))
+    out, new = step(state, jnp.ones(3), 2)
+    assert_close(out, np.sin(np.sin(np.ones(3, np.float32))))
+    assert int(new[tree["n"]]) == 2
+    out, newer = step(new, jnp.ones(3), 1)
+    assert_close(out, np.sin(np.ones(3, np.float32)))
+    assert int(newer[tree["n"]]) == 3
 
 
 def _static_step(tree, fn, mode, k, x):
