@@ -65,6 +65,13 @@ def _donated_error(args: Any, err: Exception) -> Exception:
     )
 
 
+def _raise_if_donated(err: Exception, args: Any) -> None:
+    """Raise the clearer error if ``err`` is XLA's about a consumed buffer."""
+    better = _donated_error(args, err)
+    if better is not err:
+        raise better from err
+
+
 def _refuse_consumed(tree: Any) -> None:
     """Raise before dispatch if a donated buffer is reused (XLA may crash on it)."""
     for leaf in jax.tree_util.tree_leaves(tree):
@@ -118,11 +125,15 @@ class _Jit(Lifted):
         self, jax_miss: Callable[..., Any], *args: Any, **kwargs: Any
     ) -> tuple[Any, Any, bool]:
         # C++ found no compiled signature for these arguments (the call's own).
-        if all(map(is_array, jax.tree_util.tree_leaves((args, kwargs)))):
+        leaves = jax.tree_util.tree_leaves((args, kwargs))
+        if all(map(is_array, leaves)):
             try:
                 return jax_miss(*args, **kwargs)
             except _Fallback:
                 pass
+            except (RuntimeError, ValueError) as err:
+                _raise_if_donated(err, (args, kwargs))
+                raise
         # A leaf that is not an array: a Python number would be a valid JAX argument,
         # but lift makes it static, as it does strs and functions. `None`: no
         # fast path for this call, so nothing is cached in C++.
@@ -166,19 +177,15 @@ class _Jit(Lifted):
         try:
             return self._fast(*args, **kwargs)  # type: ignore[misc]
         except (RuntimeError, ValueError) as err:
-            better = _donated_error((args, kwargs), err)
-            if better is err:
-                raise
-            raise better from err
+            _raise_if_donated(err, (args, kwargs))
+            raise
 
     def _general(self, *args: Any, **kwargs: Any) -> Any:
         try:
             return Lifted.__call__(self, *args, **kwargs)
         except (RuntimeError, ValueError) as err:
-            better = _donated_error((args, kwargs), err)
-            if better is err:
-                raise
-            raise better from err
+            _raise_if_donated(err, (args, kwargs))
+            raise
 
 
 class _Fallback(Exception):

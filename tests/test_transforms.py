@@ -316,6 +316,18 @@ def test_jit_donate_state_top_level_reuse_raises(model):
         f(state, jnp.ones(3))
 
 
+def test_jit_consumed_state_into_another_jit_names_the_key(model):
+    # A state consumed by a donating step, passed to a step that does not donate and
+    # has no compiled signature for it yet: lift's error, naming the key.
+    tree, state = model
+    fn = lambda x: accumulate(tree, x)  # noqa: E731
+    train = lift.jit(lift.stateful(fn), donate_state=True)
+    evaluate = lift.jit(lift.stateful(fn))
+    train(state, jnp.ones(3))
+    with pytest.raises(lift.LiftError, match=r"donat.*\['acc'\]"):
+        evaluate(state, jnp.ones(3))
+
+
 def test_jit_donate_state_inside_frame_reuse_raises(model):
     tree, state = model
     f = lift.jit(lambda x: accumulate(tree, x), donate_state=True)
