@@ -5,6 +5,12 @@ rounds (A, B, A, B, ...: the order alternates each round), so that a noisy machi
 slows both sides alike. Warm-up calls (compilation, caches) are excluded; outputs are
 waited on with :func:`jax.block_until_ready`. The ratio reported is the median of the
 per-round ratios, and the times the medians of the per-round times.
+
+Short rounds, many of them: on a shared machine the speed of the CPU drifts by tens
+of percent within milliseconds, so the two sides of a ratio must run close together
+in time. :meth:`Timing.interval` gives a bootstrap confidence interval of a ratio, and
+an "A/A" ratio (a function against another compiled copy of itself) shows what the
+method resolves on the machine at hand.
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ import datetime
 import gc
 import os
 import platform
+import random
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -22,7 +29,9 @@ import jax
 
 __all__ = [
     "Timing",
+    "bootstrap_median",
     "compare",
+    "compared_row",
     "fit_slope",
     "format_table",
     "machine_info",
@@ -79,10 +88,32 @@ class Timing:
         """Median seconds per call of ``name`` over the rounds."""
         return statistics.median(self.rounds[name])
 
+    def ratios(self, name: str, baseline: str) -> list[float]:
+        """Per round, ``name``'s time divided by ``baseline``'s time."""
+        pairs = zip(self.rounds[name], self.rounds[baseline], strict=True)
+        return [a / b for a, b in pairs]
+
     def ratio(self, name: str, baseline: str) -> float:
         """Median over rounds of ``name``'s time divided by ``baseline``'s time."""
-        pairs = zip(self.rounds[name], self.rounds[baseline], strict=True)
-        return statistics.median(a / b for a, b in pairs)
+        return statistics.median(self.ratios(name, baseline))
+
+    def interval(
+        self, name: str, baseline: str, *, level: float = 0.95, resamples: int = 1000
+    ) -> tuple[float, float]:
+        """Bootstrap confidence interval of :meth:`ratio` (rounds resampled)."""
+        return bootstrap_median(self.ratios(name, baseline), level, resamples)
+
+
+def bootstrap_median(
+    xs: Sequence[float], level: float = 0.95, resamples: int = 1000
+) -> tuple[float, float]:
+    """Percentile bootstrap interval of the median of ``xs`` (a fixed seed)."""
+    rng = random.Random(0)
+    meds = sorted(
+        statistics.median(rng.choices(xs, k=len(xs))) for _ in range(resamples)
+    )
+    tail = int(resamples * (1 - level) / 2)
+    return meds[tail], meds[resamples - 1 - tail]
 
 
 def compare(
@@ -128,20 +159,20 @@ def compare(
         groups = {name: _copies(current[name]) for name in names}
         order = names if r % 2 == 0 else names[::-1]
         seconds: dict[str, list[float]] = {name: [] for name in names}
-        for i in range(max(map(len, groups.values()))):
-            for name in order:
-                if i >= len(groups[name]):
-                    continue
-                # As timeit does: collect between measurements, not during them, so
-                # that one function's garbage is not collected on another's clock.
-                gc.collect()
-                gc.disable()
-                try:
-                    seconds[name].append(
-                        time_calls(groups[name][i], number, block=block)
-                    )
-                finally:
-                    gc.enable()
+        # As timeit does: collect between measurements, not during them, so that one
+        # function's garbage is not collected on another's clock. Once a round: a
+        # collection evicts the CPU's caches, and would slow the block after it.
+        gc.collect()
+        gc.disable()
+        try:
+            for i in range(max(map(len, groups.values()))):
+                for name in order:
+                    if i < len(groups[name]):
+                        seconds[name].append(
+                            time_calls(groups[name][i], number, block=block)
+                        )
+        finally:
+            gc.enable()
         for name in names:
             timing.rounds[name].append(statistics.fmean(seconds[name]))
     return timing
@@ -170,10 +201,13 @@ def row(
     ratio: float | None = None,
     unit: str = "us",
     note: str = "",
+    judged: bool = True,
 ) -> dict[str, Any]:
     """One result row; ``ratio`` defaults to ``lift / baseline``.
 
-    ``target`` ``None`` marks an anchor (another library), which has no pass/fail.
+    ``target`` ``None`` marks an anchor (another library), which has no pass/fail;
+    ``judged=False`` reports a measure beside its target without judging it (the
+    target is judged on another row, e.g. a wall time whose instruction count is).
     """
     if ratio is None:
         ratio = lift / baseline
@@ -183,10 +217,40 @@ def row(
         "baseline": baseline,
         "ratio": ratio,
         "target": target,
-        "pass": None if target is None else bool(ratio <= target),
+        "pass": None if target is None or not judged else bool(ratio <= target),
+        "judged": target is not None and judged,
         "unit": unit,
         "note": note,
     }
+
+
+def compared_row(
+    name: str,
+    timing: Timing,
+    side: str,
+    baseline: str,
+    target: float | None,
+    *,
+    unit: str = "us",
+    note: str = "",
+    judged: bool = True,
+) -> dict[str, Any]:
+    """``side`` against ``baseline`` of one :func:`compare`: medians, ratio, 95% CI."""
+    low, high = timing.interval(side, baseline)
+    rounds = len(timing.rounds[side])
+    ci = f"95% CI {low:.3f}-{high:.3f} over {rounds} rounds"
+    out = row(
+        name,
+        timing.median(side),
+        timing.median(baseline),
+        target,
+        ratio=timing.ratio(side, baseline),
+        unit=unit,
+        note=f"{note}; {ci}" if note else ci,
+        judged=judged,
+    )
+    out["low"], out["high"] = low, high
+    return out
 
 
 def skipped_row(name: str, why: str) -> dict[str, Any]:
@@ -257,6 +321,8 @@ def _num(x: float | None, unit: str) -> str:
         return f"{x * 1e6:.2f} us"
     if unit == "eqns":
         return f"{x:.0f}"
+    if unit in ("instr", "instr/layer"):
+        return f"{x / 1e3:.1f}k"
     return f"{x:.3g}"
 
 
@@ -268,22 +334,29 @@ def format_table(rows: Sequence[dict[str, Any]], *, markdown: bool = False) -> s
         ok = {True: "yes", False: "NO", None: "-"}[r["pass"]]
         if r["note"].startswith("skipped"):
             ok = r["note"]
+        if r["target"] is None:
+            target = "anchor"
+        else:
+            target = f"<= {r['target']:g}" + ("" if r.get("judged", True) else " *")
         lines.append(
             [
                 r["name"],
                 _num(r["lift"], r["unit"]),
                 _num(r["baseline"], r["unit"]),
                 "-" if r["ratio"] is None else f"{r['ratio']:.3f}",
-                "anchor" if r["target"] is None else f"<= {r['target']:g}",
+                target,
                 ok,
             ]
         )
+    footer = []
+    if any(r["target"] is not None and not r.get("judged", True) for r in rows):
+        footer = ["* reported, not judged: the target is judged on instruction counts"]
     if markdown:
         out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         out += ["| " + " | ".join(line) + " |" for line in lines]
-        return "\n".join(out)
+        return "\n".join([*out, "", *footer] if footer else out)
     widths = [max(len(x) for x in col) for col in zip(header, *lines, strict=True)]
     fmt = "  ".join(f"{{:<{w}}}" for w in widths)
     out = [fmt.format(*header), fmt.format(*("-" * w for w in widths))]
     out += [fmt.format(*line) for line in lines]
-    return "\n".join(out)
+    return "\n".join(out + footer)

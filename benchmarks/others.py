@@ -270,21 +270,14 @@ def dispatch_rows(q: bool) -> list[dict[str, Any]]:
                 ratio=timing.ratio("lib", "hand"),
             )
         )
-        lib_slope, hand_slope, ratio = dispatch.slopes(
+        result = dispatch.slopes(
             build,
             dispatch.layer_counts(q),
             rounds=layer_rounds,
             number=layer_number,
         )
         rows.append(
-            row(
-                f"added dispatch per layer, {name}",
-                lib_slope,
-                hand_slope,
-                None,
-                ratio=ratio,
-                unit="us/layer",
-            )
+            dispatch.slope_row(f"added dispatch per layer, {name}", result, None)
         )
     return rows
 

@@ -1,10 +1,21 @@
-"""The benchmarks' timing helper: every copy of every function is timed each round."""
+"""The benchmarks' helpers: interleaved timing, intervals, rows, instruction dumps."""
 
 from __future__ import annotations
 
+import statistics
+
 import pytest
 
-from benchmarks._timing import compare, fit_slope
+from benchmarks import instructions
+from benchmarks._timing import (
+    Timing,
+    bootstrap_median,
+    compare,
+    compared_row,
+    fit_slope,
+    format_table,
+    row,
+)
 
 
 def test_compare_times_every_copy_each_round_and_warms_each_up():
@@ -37,3 +48,71 @@ def test_compare_times_every_copy_each_round_and_warms_each_up():
 
 def test_fit_slope_is_the_least_squares_slope():
     assert fit_slope([1, 2, 4, 8], [3, 5, 9, 17]) == pytest.approx(2.0)
+
+
+def test_bootstrap_median_brackets_the_median_and_repeats():
+    xs = [1.0, 1.02, 0.98, 1.01, 0.99, 1.03, 0.97, 1.0, 1.04, 0.96]
+    low, high = bootstrap_median(xs)
+    assert low <= statistics.median(xs) <= high
+    assert (low, high) == bootstrap_median(xs)  # a fixed seed
+    tight = bootstrap_median([1.0 + (x - 1.0) / 10 for x in xs])
+    assert tight[1] - tight[0] < high - low
+
+
+def test_a_row_reported_beside_its_target_is_not_judged():
+    judged = row("a", 2.0, 1.0, 1.5)
+    reported = row("b", 2.0, 1.0, 1.5, judged=False)
+    anchor = row("c", 2.0, 1.0, None)
+    assert judged["pass"] is False
+    assert reported["pass"] is None
+    assert anchor["pass"] is None
+    table = format_table([judged, reported, anchor])
+    assert "<= 1.5 *" in table
+    assert "reported, not judged" in table
+    assert "reported, not judged" not in format_table([judged, anchor])
+
+
+def test_compared_row_gives_the_median_ratio_and_its_interval():
+    timing = Timing(["a", "b"])
+    timing.rounds["a"] = [2.0, 2.2, 1.8, 2.0, 2.1]
+    timing.rounds["b"] = [1.0, 1.0, 1.0, 1.0, 1.0]
+    out = compared_row("m", timing, "a", "b", 2.5)
+    assert out["ratio"] == pytest.approx(2.0)
+    assert out["low"] <= 2.0 <= out["high"]
+    assert out["pass"] is True
+    assert "over 5 rounds" in out["note"]
+
+
+def _dump(path, label, calls, total):
+    path.write_text(
+        f"version: 1\ndesc: Trigger: Client Request: {label}|{calls}\n"
+        f"events: Ir\nsummary: {total}\ntotals: {total}\n"
+    )
+
+
+def test_instruction_dumps_give_the_median_pass_and_the_mean_copy(tmp_path):
+    _dump(tmp_path / "cg.7.1", "hand#0", 10, 1000)
+    _dump(tmp_path / "cg.7.2", "hand#0", 10, 1300)
+    _dump(tmp_path / "cg.7.3", "hand#0", 10, 1100)  # median of the passes: 110
+    _dump(tmp_path / "cg.7.4", "hand#1", 10, 1300)  # another copy: 130
+    _dump(tmp_path / "cg.7.5", "lift 4", 5, 600)
+    (tmp_path / "cg.7").write_text("desc: Trigger: Program termination\n")
+    counts = instructions.parse(sorted(tmp_path.glob("cg.*.*")))
+    assert counts == {"hand": 120.0, "lift 4": 120.0}
+
+
+def test_instruction_rows_are_ratios_and_slopes_of_the_counts():
+    layers = instructions.plan(True)["layers"]
+    counts = {"hand": 100.0, "hand copy": 101.0, "lift": 104.0, "layout": 103.0}
+    counts |= {"nested": 106.0, "scan hand": 200.0, "scan hand copy": 200.0}
+    counts["scan lift"] = 220.0
+    for n in layers:
+        counts[f"hand {n}"] = 50.0 + 10.0 * n
+        counts[f"lift {n}"] = 52.0 + 12.0 * n
+    rows = {r["name"].strip(): r for r in instructions.rows_from(counts, True)}
+    assert rows["train step dispatch (1 layer), instructions"]["ratio"] == 1.04
+    assert rows["train step dispatch (1 layer), instructions"]["pass"] is True
+    slope = rows["added dispatch per stateful layer, instructions"]
+    assert slope["ratio"] == pytest.approx(1.2)
+    assert slope["pass"] is False
+    assert rows["scan run, 100 steps, instructions"]["pass"] is False
