@@ -84,7 +84,10 @@ _UNKNOWN = object()
 
 
 def with_cache_miss(
-    jitted: Any, cache_miss: Callable[..., tuple[Any, Any, bool]]
+    jitted: Any,
+    cache_miss: Callable[..., tuple[Any, Any, bool]],
+    *,
+    like: Callable[..., Any],
 ) -> Callable[..., Any] | None:
     """``jitted`` (a ``jax.jit`` function) with its slow path replaced, or ``None``.
 
@@ -93,14 +96,16 @@ def with_cache_miss(
     ``(outputs, fastpath data or None, rebuild)``; with ``None`` nothing is cached.
     The copy made here calls ``cache_miss(jax_miss, *args, **kwargs)`` instead, where
     ``jax_miss`` is JAX's own slow path: Python runs only on a miss, and a hit costs
-    exactly what a ``jax.jit`` call costs. ``None`` if this JAX has no such hook.
+    exactly what a ``jax.jit`` call costs. It is named and documented like ``like``,
+    and keeps ``jitted``'s ``lower``, ``trace`` and ``eval_shape``. ``None`` if this
+    JAX has no such hook.
     """
     try:
         from jax._src.lib import _jax  # pyright: ignore[reportPrivateImportUsage]
 
         state = jitted.__getstate__()
-        return _jax.pjit(
-            state["function_name"],
+        fast = _jax.pjit(
+            getattr(like, "__name__", state["function_name"]),
             state["fun"],
             functools.partial(cache_miss, state["cache_miss"]),
             state["static_argnums"],
@@ -110,5 +115,9 @@ def with_cache_miss(
             state["shard_arg_fallback"],
             state["cache"],
         )
+        functools.update_wrapper(fast, like, updated=())
+        fast._fun = jitted._fun
+        fast._jit_info = jitted._jit_info
+        return fast
     except (ImportError, AttributeError, KeyError, TypeError):  # pragma: no cover
         return None

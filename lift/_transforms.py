@@ -83,19 +83,23 @@ def _refuse_consumed(tree: Any) -> None:
 class _Jit(Lifted):
     """``lift.jit``: calls go straight to ``jax.jit``'s C++ dispatch where they can.
 
-    A call is ``self._call(*args, **kwargs)``, looked up by a C-level property, so
-    lift adds no Python frame of its own. ``self._call`` is one of:
+    ``self._fast`` is ``jax.jit`` of the function whose slow path (run only when no
+    compiled signature matches, with the call's own arguments) is lift's
+    :meth:`_miss`. A function made by :func:`lift.stateful` is pure, so there is no
+    frame's state to thread: without donation, :func:`jit` hands out ``self._fast``
+    itself, a ``jax.jit`` function whose calls cost what ``jax.jit`` calls cost.
+    Otherwise :func:`jit` hands out this object, whose call is ``self._call``, looked
+    up by a C-level property (no Python frame of lift's), one of:
 
-    - ``self._fast``: ``jax.jit`` of the function, whose slow path (run only when no
-      compiled signature matches) is lift's :meth:`_miss`. A function made by
-      :func:`lift.stateful` is pure, so there is no frame's state to thread: without
-      donation its calls take this path directly and cost what ``jax.jit`` costs.
     - :meth:`_checked`: checks in Python first. Inside a frame it takes the general
       path, which threads that frame's state; with ``donate_state`` it refuses a state
       that an earlier call consumed before dispatch (XLA can crash on it).
     - :meth:`_general`: non-array leaves of the arguments and outputs become static
-      structure (:class:`~lift._lifting.Lifted`). The first call that has such a leaf
-      (a str, a function, a Python number) switches the function to it for good.
+      structure (:class:`~lift._lifting.Lifted`).
+
+    The first call that has a non-array leaf (a str, a function, a Python number) in
+    its arguments or outputs switches to the general path for good: from then on a
+    miss goes there, and only signatures compiled before take the fast path.
     """
 
     # A property, not a method: `instance(...)` then runs no Python code of lift's.
@@ -108,25 +112,29 @@ class _Jit(Lifted):
         self._options = options
         self._donate = donate_state
         self._f = f
+        self._static = False  # a call had a non-array leaf: misses go general
         super().__init__((f,), self._run, name="jit")
         plain = jax.jit(
             self._plain, donate_argnums=(0,) if donate_state else (), **options
         )
-        self._fast = with_cache_miss(plain, self._miss)
-        self._call: Callable[..., Any]
-        if self._fast is None:  # pragma: no cover - a JAX without the hook
-            self._call = self._general
-        elif is_pure(f) and not donate_state:
-            self._call = self._fast
-        else:
-            self._call = self._checked
+        self._fast = with_cache_miss(plain, self._miss, like=f)
+        self._call: Callable[..., Any] = (
+            self._general if self._fast is None else self._checked
+        )
+
+    def handed_out(self) -> Callable[..., Any]:
+        """What :func:`jit` returns: ``jax.jit``'s own function where it can."""
+        if self._fast is not None and is_pure(self._f) and not self._donate:
+            return self._fast
+        return self
 
     def _miss(
         self, jax_miss: Callable[..., Any], *args: Any, **kwargs: Any
     ) -> tuple[Any, Any, bool]:
         # C++ found no compiled signature for these arguments (the call's own).
-        leaves = jax.tree_util.tree_leaves((args, kwargs))
-        if all(map(is_array, leaves)):
+        if not self._static and all(
+            map(is_array, jax.tree_util.tree_leaves((args, kwargs)))
+        ):
             try:
                 return jax_miss(*args, **kwargs)
             except _Fallback:
@@ -137,6 +145,7 @@ class _Jit(Lifted):
         # A leaf that is not an array: a Python number would be a valid JAX argument,
         # but lift makes it static, as it does strs and functions. `None`: no
         # fast path for this call, so nothing is cached in C++.
+        self._static = True
         self._call = self._general
         return self._general(*args, **kwargs), None, False
 
@@ -238,8 +247,8 @@ def jit(
                 "automatically, and state is donated with `donate_state=True`."
             )
     if f is None:
-        return lambda g: _Jit(g, donate_state, jit_kwargs)
-    return _Jit(f, donate_state, jit_kwargs)
+        return lambda g: _Jit(g, donate_state, jit_kwargs).handed_out()
+    return _Jit(f, donate_state, jit_kwargs).handed_out()
 
 
 # --------------------------------------------------------------------------- vmap

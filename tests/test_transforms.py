@@ -108,6 +108,26 @@ def test_jit_of_stateful_runs_no_python_on_a_compiled_call(model):
     assert _python_calls_during(plain, state, x) == []
 
 
+def test_jit_of_stateful_is_a_jax_jit_function_named_like_it(model):
+    tree, state = model
+
+    def step(x):
+        """Accumulate ``x``."""
+        return accumulate(tree, x)
+
+    jitted = lift.jit(lift.stateful(step))
+    assert type(jitted) is type(jax.jit(step))
+    assert jitted.__name__ == "step"
+    assert jitted.__doc__ == step.__doc__
+    # JAX's own staging works on it, as on any jax.jit function.
+    text = jitted.lower(state, jnp.ones(3)).as_text()
+    assert "stablehlo" in text
+    # Donating, or not pure: lift's own object, which checks first.
+    donating = lift.jit(lift.stateful(step), donate_state=True)
+    assert not isinstance(donating, type(jitted))
+    assert not isinstance(lift.jit(step), type(jitted))
+
+
 def test_jit_of_stateful_inside_a_frame_keeps_both_states_apart(model):
     tree, state = model
     inner_tree, inner_state = lift.export_state({"k": lift.StateEntry(jnp.zeros(()))})
@@ -166,10 +186,14 @@ def test_jit_takes_static_leaves_after_compiled_array_calls(model):
     out, s3 = f(s2, jnp.ones(3), 4.0)  # a Python float: static from now on
     assert seen[1:] == [float]
     assert_close(out, 4 * np.ones(3))
-    out, s4 = f(s3, jnp.ones(3), jnp.float32(5))  # arrays still work, traced anew
+    out, s4 = f(s3, jnp.ones(3), jnp.float32(5))  # compiled before: no trace
+    assert len(seen) == 2
     assert_close(out, 5 * np.ones(3))
+    out, s5 = f(s4, jnp.ones(3), jnp.full(3, 6.0))  # a new signature: traced
+    assert len(seen) == 3
     assert issubclass(seen[-1], jax.core.Tracer)
-    assert int(s4[tree["n"]]) == 4
+    assert_close(out, 6 * np.ones(3))
+    assert int(s5[tree["n"]]) == 5
 
 
 def test_jit_under_disable_jit_returns_outputs_as_they_are(model):
@@ -188,7 +212,7 @@ def test_jit_under_disable_jit_returns_outputs_as_they_are(model):
 
 def test_jit_without_the_cpp_hook_takes_the_general_path(model, monkeypatch):
     # A JAX whose jit offers no slow-path hook: every call takes lift's general path.
-    monkeypatch.setattr(lift._transforms, "with_cache_miss", lambda *a: None)
+    monkeypatch.setattr(lift._transforms, "with_cache_miss", lambda *a, **k: None)
     tree, state = model
     step = lift.jit(lift.stateful(lambda x, k: _static_step(tree, jnp.sin, "", k, x)))
     out, new = step(state, jnp.ones(3), 2)
