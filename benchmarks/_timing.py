@@ -206,8 +206,8 @@ def row(
     """One result row; ``ratio`` defaults to ``lift / baseline``.
 
     ``target`` ``None`` marks an anchor (another library), which has no pass/fail;
-    ``judged=False`` reports a measure beside its target without judging it (the
-    target is judged on another row, e.g. a wall time whose instruction count is).
+    ``judged=False`` shows a measure beside its target without judging it (the target
+    is judged on another row: an instruction count beside the time it cross-checks).
     """
     if ratio is None:
         ratio = lift / baseline
@@ -350,7 +350,7 @@ def format_table(rows: Sequence[dict[str, Any]], *, markdown: bool = False) -> s
         )
     footer = []
     if any(r["target"] is not None and not r.get("judged", True) for r in rows):
-        footer = ["* reported, not judged: the target is judged on instruction counts"]
+        footer = ["* shown beside the target, not judged (it is judged on time)"]
     if markdown:
         out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         out += ["| " + " | ".join(line) + " |" for line in lines]

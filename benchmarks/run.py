@@ -62,7 +62,7 @@ def plot(rows: list[dict[str, Any]], path: Path, info: dict[str, Any]) -> None:
     ax.axvline(1.0, color="#555555", lw=0.6, ls="--")
     ax.set_xlabel(
         "ratio to the baseline (log scale; lower is better). Green/red: lift vs its "
-        "target (black tick); grey: anchors, and wall times reported, not judged"
+        "target (black tick); grey: anchors, and instruction counts (not judged)"
     )
     ax.set_title(
         f"lift benchmarks - {info['cpu']}, {info['cores']} cores, "
