@@ -20,7 +20,10 @@ and the computations of both sides are the same jaxpr.
 Measures, each ``lift ÷ hand-written`` in instructions per call: the 1-layer train step
 of ``benchmarks.dispatch`` with the same anchors (A/A, layout, lift's own code, the
 docs' layout), the added instructions per extra stateful layer (slope over 1..32
-layers) and the 100-step scan of ``benchmarks.scan``. Needs ``valgrind`` and a C
+layers) and the 100-step scan of ``benchmarks.scan``. Two more anchors split the
+layout's cost: JAX's flatten of the arguments and unflatten of the outputs alone, for
+lift's layout and for the same layout holding ``None`` where the keys are, each added
+to the hand-written step. Needs ``valgrind`` and a C
 compiler (Debian: ``apt install valgrind gcc``); without them the rows say so and are
 skipped.
 
@@ -100,7 +103,49 @@ def _functions(p: dict[str, Any]) -> dict[str, tuple[Callable[..., Any], Any, in
     for layers in p["layers"]:
         fns[f"hand {layers}"] = (*dispatch.build_hand(layers), p["layer_calls"])
         fns[f"lift {layers}"] = (*dispatch.build_lift(layers), p["layer_calls"])
+    for name, work in _tree_work().items():
+        fns[name] = (work, (), p["calls"])
     return fns
+
+
+def _tree_work() -> dict[str, Callable[[], Any]]:
+    """JAX's tree work in a 1-layer call: flatten the arguments, unflatten the outputs.
+
+    For the hand-written step, for lift's layout, and for lift's layout with ``None``
+    in place of each ``StateKey`` (and ``str`` keys in the state): what the layout's
+    extra dict entries cost apart from what its ``StateKey`` nodes cost.
+    """
+    import jax
+
+    import lift
+
+    from . import dispatch
+
+    hand, hand_args = dispatch.build_hand(1)
+    args = dispatch.build_lift(1)[1]
+    out = jax.jit(dispatch.same_layout_step)(*args)
+    state, model, x, y = args
+    (_, value), _ = out
+    bare = [
+        {k: None if isinstance(v, lift.StateKey) else v for k, v in layer.items()}
+        for layer in model
+    ]
+    bare_state = {str(k): v for k, v in state.items()}
+    cases = {
+        "tree hand": (hand_args, hand(*hand_args)),
+        "tree layout": (args, out),
+        "tree none": ((bare_state, bare, x, y), ((bare, value), bare_state)),
+    }
+    work = {}
+    for name, (arguments, outputs) in cases.items():
+        leaves, treedef = jax.tree.flatten(outputs)
+
+        def one(args: Any = arguments, leaves: Any = leaves, treedef: Any = treedef):
+            jax.tree.flatten(args)
+            return treedef.unflatten(leaves)
+
+        work[name] = one
+    return work
 
 
 def child(helper: str, plan_json: str) -> None:
@@ -219,6 +264,31 @@ ANCHORS = (
 )
 
 
+# The hand-written step plus the extra tree work of a layout, over the hand-written
+# step: how much of the layout anchor JAX's flatten and unflatten explain.
+TREE_ANCHORS = (
+    (
+        "    of which JAX's tree work, lift's layout",
+        "tree layout",
+        "flatten of the arguments + unflatten of the outputs, beyond hand-written's",
+    ),
+    (
+        "    of which JAX's tree work, None for each StateKey",
+        "tree none",
+        "the same dict entries in the model holding None: the entries' share",
+    ),
+)
+
+
+def _tree_rows(counts: dict[str, float]) -> list[dict[str, Any]]:
+    rows = []
+    for name, side, note in TREE_ANCHORS:
+        extra = counts[side] - counts["tree hand"]
+        step = counts["hand"] + extra
+        rows.append(row(name, step, counts["hand"], None, unit="instr", note=note))
+    return rows
+
+
 def rows_from(counts: dict[str, float], q: bool) -> list[dict[str, Any]]:
     """The result rows for the counts of :func:`count`."""
     rows = [
@@ -235,6 +305,8 @@ def rows_from(counts: dict[str, float], q: bool) -> list[dict[str, Any]]:
         rows.append(
             row(name, counts[side], counts[base], None, unit="instr", note=note)
         )
+        if side == "layout":
+            rows.extend(_tree_rows(counts))
     layers = plan(q)["layers"]
     lift_slope = fit_slope(layers, [counts[f"lift {n}"] for n in layers])
     hand_slope = fit_slope(layers, [counts[f"hand {n}"] for n in layers])

@@ -106,6 +106,7 @@ def test_instruction_rows_are_ratios_and_slopes_of_the_counts():
     counts = {"hand": 100.0, "hand copy": 101.0, "lift": 104.0, "layout": 103.0}
     counts |= {"nested": 106.0, "scan hand": 200.0, "scan hand copy": 200.0}
     counts["scan lift"] = 220.0
+    counts |= {"tree hand": 10.0, "tree layout": 12.5, "tree none": 11.0}
     for n in layers:
         counts[f"hand {n}"] = 50.0 + 10.0 * n
         counts[f"lift {n}"] = 52.0 + 12.0 * n
@@ -118,3 +119,31 @@ def test_instruction_rows_are_ratios_and_slopes_of_the_counts():
     assert slope["ratio"] == pytest.approx(1.2)
     assert rows["scan run, 100 steps, instructions"]["ratio"] == 1.1
     assert rows["A/A: hand-written ÷ another compiled copy of it"]["ratio"] == 1.01
+    # The layout's extra tree work on top of the hand-written step: (100 + 2.5) / 100.
+    assert rows["of which JAX's tree work, lift's layout"]["ratio"] == 1.025
+    assert rows["of which JAX's tree work, None for each StateKey"]["ratio"] == 1.01
+    names = [r["name"].strip() for r in instructions.rows_from(counts, True)]
+    at = names.index("hand-written on lift's layout ÷ hand-written")
+    assert names[at + 1] == "of which JAX's tree work, lift's layout"
+
+
+def test_tree_work_flattens_the_arguments_and_rebuilds_the_outputs():
+    import jax
+
+    import lift
+
+    with jax.numpy_rank_promotion("allow"):  # the benchmark's step broadcasts its bias
+        work = instructions._tree_work()
+    assert set(work) == {"tree hand", "tree layout", "tree none"}
+    (model, _), state = work["tree layout"]()
+    assert all(isinstance(k, lift.StateKey) for k in state)
+    assert set(state) == set(
+        v for layer in model for v in layer.values() if isinstance(v, lift.StateKey)
+    )
+    (bare, _), bare_state = work["tree none"]()
+    assert [sorted(layer) for layer in bare] == [sorted(layer) for layer in model]
+    assert all(type(k) is str for k in bare_state)
+    assert all(layer["mean"] is None and layer["var"] is None for layer in bare)
+    params, stats, _ = work["tree hand"]()
+    assert [sorted(layer) for layer in params] == [["b", "w"]]
+    assert len(stats) == len(bare_state) == 2
