@@ -53,6 +53,9 @@ _FIELDS: dict[type, tuple[Any, tuple[str, ...], frozenset[str]] | None] = {}
 # Both are bounded (cleared when full): node data may hold large objects.
 _MEMO_LIMIT = 10_000
 _UNSEEN = object()
+# The key strings of the first positions of a list or tuple: ``"[0]"``, ``"[1]"``, ...
+_INDEXED = 1024
+_INDEX_NAMES = tuple(f"[{i}]" for i in range(_INDEXED))
 _MISSING: Any = object()  # the value of an entry whose key the state lacks
 _new_entry = StateEntry.__new__
 _set_value = vars(StateEntry)["value"].__set__  # the slot's descriptor: C-level
@@ -139,14 +142,15 @@ class Export:
         if kind is list or kind is tuple:
             seq = None
             for i, child in enumerate(node):
+                if type(child) in _LEAF_TYPES:
+                    continue
+                name = path + _INDEX_NAMES[i] if i < _INDEXED else f"{path}[{i}]"
                 if type(child) is StateEntry:
-                    new = StateKey(f"{path}[{i}]")
+                    new = StateKey(name)
                     state[new] = child.value
                     entries.append(child)
-                elif type(child) in _LEAF_TYPES:
-                    continue
                 else:
-                    new = self.walk(child, f"{path}[{i}]")
+                    new = self.walk(child, name)
                     if new is child:
                         continue
                 if seq is None:

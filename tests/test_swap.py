@@ -72,6 +72,19 @@ def test_property_walks_follow_jax(tree):
     check_import(*check_export(tree))
 
 
+def test_long_sequences_are_named_past_the_remembered_positions():
+    from lift import _swap
+
+    n = _swap._INDEXED + 3
+    tree = {"xs": [StateEntry(jnp.float32(i)) for i in range(n)], "t": (1.0, [2.0])}
+    tree["t"][1].append(StateEntry(jnp.zeros(2)))
+    out, state = check_export(tree)
+    assert out["xs"][n - 1] == f"['xs'][{n - 1}]"
+    assert out["xs"][_swap._INDEXED - 1] == f"['xs'][{_swap._INDEXED - 1}]"
+    assert out["t"][1][1] == "['t'][1][1]"
+    check_import(out, state)
+
+
 def test_subtrees_without_entries_are_the_same_objects():
     params = {"w": jnp.ones(2), "deep": [{"b": jnp.zeros(1)}]}
     stats = [jnp.ones(1), (jnp.zeros(1),)]
