@@ -23,9 +23,8 @@ docs' layout), the added instructions per extra stateful layer (slope over 1..32
 layers) and the 100-step scan of ``benchmarks.scan``. Two more anchors split the
 layout's cost: JAX's flatten of the arguments and unflatten of the outputs alone, for
 lift's layout and for the same layout holding ``None`` where the keys are, each added
-to the hand-written step. Needs ``valgrind`` and a C
-compiler (Debian: ``apt install valgrind gcc``); without them the rows say so and are
-skipped.
+to the hand-written step. Needs ``valgrind`` and a C compiler (Debian: ``apt install
+valgrind gcc``); without them the rows say so and are skipped.
 
 Run alone with ``python -m benchmarks.instructions``.
 """
