@@ -352,6 +352,21 @@ def test_jit_consumed_state_into_another_jit_names_the_key(model):
         evaluate(state, jnp.ones(3))
 
 
+def test_jit_consumed_state_into_a_compiled_jit_fails_loudly(model):
+    # The same, once the non-donating step has compiled this signature: the call is
+    # jax.jit's own dispatch, so the error is JAX's, but it is an error, never a
+    # result computed from a deleted buffer.
+    tree, state = model
+    fn = lambda x: accumulate(tree, x)  # noqa: E731
+    train = lift.jit(lift.stateful(fn), donate_state=True)
+    evaluate = lift.jit(lift.stateful(fn))
+    fresh = jax.tree.map(jnp.copy, state)
+    evaluate(fresh, jnp.ones(3))  # compiled for this signature
+    train(fresh, jnp.ones(3))  # consumes `fresh`
+    with pytest.raises((RuntimeError, ValueError), match=r"delete|donat"):
+        evaluate(fresh, jnp.ones(3))
+
+
 def test_jit_donate_state_inside_frame_reuse_raises(model):
     tree, state = model
     f = lift.jit(lambda x: accumulate(tree, x), donate_state=True)
