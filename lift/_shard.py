@@ -270,6 +270,7 @@ def pmap(
     state_axes: Any = None,
     devices: Sequence[Any] | None = None,
     axis_size: int | None = None,
+    check_vma: bool | None = None,
 ) -> Lifted:
     """:func:`jax.pmap` that threads state: one device per index of the mapped axis.
 
@@ -282,9 +283,19 @@ def pmap(
 
     This is :func:`jax.shard_map` over a one-axis mesh of ``devices`` (default: the
     first local devices), compiled with :func:`jax.jit`, which is how JAX 0.10
-    implements ``jax.pmap`` too; lift keeps JAX's tracking of device-varying values on,
-    to check state writes. Arguments are global arrays of this process's devices; to
-    span several hosts, use :func:`lift.shard_map` with a mesh over ``jax.devices()``.
+    implements ``jax.pmap`` too. Arguments are global arrays of this process's devices;
+    to span several hosts, use :func:`lift.shard_map` with a mesh over
+    ``jax.devices()``.
+
+    Unlike ``jax.pmap``, lift keeps JAX's tracking of device-varying values on, to
+    check state writes. JAX cannot track them through a collective over the device
+    axis and a vmapped axis together (``lax.pmean(x, ("dev", "batch"))`` with
+    ``lift.vmap(..., axis_name="batch")`` inside): with ``check_vma=None`` (the
+    default) lift then traces ``f`` once more without tracking, as ``jax.pmap`` does,
+    and keeps that choice for later calls; so ``f``'s Python runs twice while it is
+    first traced, and writes into replicated state are taken on trust (each device
+    must write the same value). Pass ``check_vma=False`` to skip the first attempt, or
+    ``True`` to make such a collective an error.
 
     Args:
         f: the implicit function.
@@ -295,6 +306,8 @@ def pmap(
         state_axes: ``None``, an int, or ``{filter: axis}``.
         devices: the devices to run on, one per index of the mapped axis.
         axis_size: the size of the mapped axis when no argument is mapped.
+        check_vma: track device-varying values to check writes into replicated
+            state: ``True``, ``False``, or ``None`` (track when JAX can).
 
     Returns:
         The implicit function.
@@ -315,8 +328,9 @@ def pmap(
     name = "_lift_pmap_axis" if axis_name is None else axis_name
     fix = "`state_axes={{StateKey({key!r}): 0}}`"
     jitted: dict[Pure, Callable[..., Any]] = {}
+    untracked: set[Pure] = set()  # functions JAX could not trace with check_vma
 
-    def call(pure: Pure, state: State, args: tuple, kwargs: dict) -> Any:
+    def call(pure: Pure, state: State, args: tuple, kwargs: dict, check: bool) -> Any:
         spec, axes = mapped_axes(state, state_axes, in_axes, args, kwargs, "pmap")
         keys = list(state)
         values = [state[k] for k in keys]
@@ -378,12 +392,13 @@ def pmap(
             values, args, kwargs = jax.tree_util.tree_unflatten(treedef, flat)
             local = dict(zip(keys, values, strict=True))
             out, new = pure(local, *args, **kwargs)
-            _check_replicated(
-                new,
-                {k: s for k, s in state_specs.items() if k not in mapped_keys},
-                "pmap",
-                fix,
-            )
+            if check:
+                _check_replicated(
+                    new,
+                    {k: s for k, s in state_specs.items() if k not in mapped_keys},
+                    "pmap",
+                    fix,
+                )
             out_leaves, out_def = jax.tree_util.tree_flatten(out)
             out_leaves = [
                 x if a is None else x[None]
@@ -402,6 +417,7 @@ def pmap(
             mesh=mesh,
             in_specs=(in_specs,),
             out_specs=(out_prefix, state_specs),
+            check_vma=check,
         )(moved)
         out_leaves, out_def = jax.tree_util.tree_flatten(out)
         out_leaves = [
@@ -414,12 +430,28 @@ def pmap(
         }
         return jax.tree_util.tree_unflatten(out_def, out_leaves), new
 
+    def build(pure: Pure, check: bool) -> Callable[..., Any]:
+        fn = jax.jit(lambda state, args, kwargs: call(pure, state, args, kwargs, check))
+        jitted[pure] = fn
+        return fn
+
     def run(pures: Sequence[Pure], state: State, *args: Any, **kwargs: Any) -> Any:
-        fn = jitted.get(pures[0])
-        if fn is None:
-            fn = jitted[pures[0]] = jax.jit(
-                lambda state, args, kwargs: call(pures[0], state, args, kwargs)
-            )
-        return fn(state, args, kwargs)
+        pure = pures[0]
+        fn = jitted.get(pure)
+        if fn is not None:
+            return fn(state, args, kwargs)
+        check = check_vma is not False and pure not in untracked
+        try:
+            return build(pure, check)(state, args, kwargs)
+        except ValueError as err:
+            if not (check and check_vma is None and _untrackable(err)):
+                raise
+        untracked.add(pure)
+        return build(pure, False)(state, args, kwargs)
 
     return Lifted((f,), run, name="pmap")
+
+
+def _untrackable(err: ValueError) -> bool:
+    """Whether JAX refused a collective because it cannot track its axes' varying."""
+    return "can only accept axis_name which corresponds to one of" in str(err)

@@ -320,6 +320,62 @@ def test_pmap_state_axes_int_maps_every_key():
     np.testing.assert_allclose(new[tree["a"]], np.arange(4.0))
 
 
+def _pmean_over_dev_and_batch(mean_key, calls):
+    def f(x):
+        calls.append(None)
+        m = lax.pmean(x, ("dev", "batch"))
+        lift.set(mean_key, 0.9 * lift.get(mean_key) + 0.1 * m)
+        return x - m
+
+    return f
+
+
+def _reference_dev_and_batch(xs):
+    def ref(s, x):
+        m = lax.pmean(x, ("dev", "batch"))
+        return x - m, 0.9 * s + 0.1 * m
+
+    inner = jax.vmap(ref, in_axes=(None, 0), out_axes=(0, None), axis_name="batch")
+    return jax.pmap(inner, "dev", in_axes=(None, 0), out_axes=(0, None))(
+        jnp.zeros(3), xs
+    )
+
+
+def test_pmap_of_vmap_reduces_over_both_axes_like_jax():
+    # JAX cannot track device-varying values through a collective over a device
+    # axis and a vmapped axis together; lift.pmap then traces without tracking,
+    # as jax.pmap does, and the results are jax.pmap(jax.vmap(...))'s, bit for bit.
+    tree, state = lift.export_state({"mean": lift.StateEntry(jnp.zeros(3))})
+    calls: list = []
+    f = _pmean_over_dev_and_batch(tree["mean"], calls)
+    step = lift.stateful(pmap(lift.vmap(f, axis_name="batch"), "dev"))
+    xs = jnp.arange(2 * 4 * 3.0).reshape(2, 4, 3)
+    out, new = step(state, xs)
+    ref_out, ref_mean = _reference_dev_and_batch(xs)
+    np.testing.assert_array_equal(out, ref_out)
+    np.testing.assert_array_equal(new[tree["mean"]], ref_mean)
+    assert len(calls) == 2  # the documented second trace, once
+    _, new = step(new, xs)  # state placed by pmap now: JAX may trace once more
+    traced = len(calls)
+    out3, _ = step(new, xs)
+    assert len(calls) == traced  # compiled: the tracking choice was kept
+    np.testing.assert_array_equal(out3, ref_out)
+
+
+def test_pmap_check_vma_false_traces_once_and_true_refuses():
+    tree, state = lift.export_state({"mean": lift.StateEntry(jnp.zeros(3))})
+    xs = jnp.arange(2 * 4 * 3.0).reshape(2, 4, 3)
+    calls: list = []
+    f = _pmean_over_dev_and_batch(tree["mean"], calls)
+    quiet = lift.stateful(pmap(lift.vmap(f, axis_name="batch"), "dev", check_vma=False))
+    _, new = quiet(state, xs)
+    assert len(calls) == 1
+    np.testing.assert_array_equal(new[tree["mean"]], _reference_dev_and_batch(xs)[1])
+    strict = lift.stateful(pmap(lift.vmap(f, axis_name="batch"), "dev", check_vma=True))
+    with pytest.raises(ValueError, match="axis_name"):
+        strict(state, xs)
+
+
 def test_pmap_rejects_more_indices_than_devices():
     with pytest.raises(lift.LiftError, match="size 9"):
         pmap(lambda x: x)(jnp.ones(9))
