@@ -16,15 +16,18 @@ class Static:
 
     Its value becomes part of the tree structure, so ``jax.jit`` caches on it and
     ``jax.vmap`` leaves it alone. Equal values give equal structures; an unhashable
-    value is compared by identity.
+    value is compared by identity. Python numbers compare by type and exact value:
+    ``0.0`` and ``-0.0`` differ (``1 / x`` differs), a NaN equals itself (so it does
+    not retrace every call), and ``1``, ``1.0`` and ``True`` are three values.
     """
 
-    __slots__ = ("_hash", "value")
+    __slots__ = ("_hash", "_id", "value")
 
     def __init__(self, value: Any) -> None:
         self.value = value
+        self._id = _identity(value)
         try:
-            self._hash = hash((type(value), value))
+            self._hash = hash(self._id)
         except TypeError:
             self._hash = None
 
@@ -36,14 +39,24 @@ class Static:
             return NotImplemented
         if self._hash is None or other._hash is None:
             return self.value is other.value
-        return (
-            self._hash == other._hash
-            and type(self.value) is type(other.value)
-            and bool(self.value == other.value)
-        )
+        return self._hash == other._hash and bool(self._id == other._id)
 
     def __repr__(self) -> str:
         return f"Static({self.value!r})"
+
+
+def _identity(value: Any) -> Any:
+    """What a static value is compared by: its type and, for numbers, its exact bits.
+
+    ``==`` says ``0.0 == -0.0`` and ``nan != nan``; ``float.hex`` tells the zeros
+    apart and spells every NaN ``'nan'``.
+    """
+    kind = type(value)
+    if kind is float:
+        return (kind, value.hex())
+    if kind is complex:
+        return (kind, value.real.hex(), value.imag.hex())
+    return (kind, value)
 
 
 jax.tree_util.register_pytree_node(Static, lambda s: ((), s), lambda s, _: s)

@@ -8,8 +8,10 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
+import hypothesis
 import pytest
 from helpers import TraceCounter, make_counter, tick
+from hypothesis import strategies as st
 from jax import lax
 
 import lift
@@ -305,6 +307,52 @@ def test_jit_caches_and_retraces_on_static_change(model):
     f(s2, "double", 2, x)
     f(state, "plain", 1, x)
     assert traces.count == 3
+
+
+def test_jit_static_numbers_compare_by_type_and_exact_value():
+    # 0.0 and -0.0 are equal under `==`, but 1/x tells them apart: a cached trace
+    # for one must not serve the other (plain jax.jit gives -inf here too).
+    traces = TraceCounter()
+
+    def inverse(x):
+        traces()
+        return 1 / jnp.asarray(x, jnp.float32), type(x).__name__
+
+    f = lift.jit(inverse)
+    assert float(f(0.0)[0]) == np.inf
+    assert float(f(-0.0)[0]) == -np.inf
+    assert traces.count == 2
+    # NaN equals itself as a static value: a second call is a cache hit.
+    assert np.isnan(f(float("nan"))[0])
+    assert np.isnan(f(float("nan"))[0])
+    assert traces.count == 3
+    # 1, 1.0 and True are three static values, each traced with its own type.
+    assert [f(v)[1] for v in (1, True, 1.0)] == ["int", "bool", "float"]
+    assert traces.count == 6
+    f(1)
+    f(-0.0)
+    assert traces.count == 6
+
+
+@hypothesis.given(
+    a=st.one_of(st.floats(), st.integers(), st.booleans(), st.complex_numbers()),
+    b=st.one_of(st.floats(), st.integers(), st.booleans(), st.complex_numbers()),
+)
+def test_static_equality_is_type_and_exact_value(a, b):
+    from lift._static import Static
+
+    def bits(v):
+        if isinstance(v, float):
+            return v.hex()
+        if isinstance(v, complex):
+            return (v.real.hex(), v.imag.hex())
+        return v
+
+    same = type(a) is type(b) and bits(a) == bits(b)
+    assert (Static(a) == Static(b)) is same
+    if same:
+        assert hash(Static(a)) == hash(Static(b))
+    assert Static(a) == Static(a)
 
 
 def test_jit_caches_inside_frame(model):
