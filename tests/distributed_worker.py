@@ -153,7 +153,7 @@ def main(num_processes: int, process_id: int, steps: int, out: str) -> None:
         params, state = jax.device_put((params, state), replicated)
         step = lift.jit(
             lift.stateful(
-                lift_shard_map(
+                lift.shard_map(
                     partial(train_step, model, axis_name="data"),
                     mesh=mesh,
                     in_specs=(P(), P("data"), P("data")),
@@ -175,14 +175,6 @@ def main(num_processes: int, process_id: int, steps: int, out: str) -> None:
         print(f"process {process_id}: done, loss {float(loss):.6f}", flush=True)
     finally:
         jax.distributed.shutdown()
-
-
-def lift_shard_map(f: Any, **kwargs: Any) -> Any:
-    """``lift.shard_map`` (from ``lift._shard`` until ``lift`` exports it)."""
-    shard_map = getattr(lift, "shard_map", None)
-    if shard_map is None:
-        from lift._shard import shard_map
-    return shard_map(f, **kwargs)
 
 
 if __name__ == "__main__":

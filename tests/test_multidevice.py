@@ -28,11 +28,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import lift
-
-try:
-    from lift import pmap, shard_map
-except ImportError:  # until lift/__init__.py exports them
-    from lift._shard import pmap, shard_map
+from lift import pmap, shard_map
 
 STEPS = 4
 
