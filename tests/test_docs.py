@@ -1,12 +1,184 @@
-"""The docs cover the public API and the examples they list exist."""
+"""The docs run, cover the public API, and the examples they list exist.
 
+Every ```python block of README.md and of the pages under docs/ runs here, page by
+page, the blocks of a page in reading order in one namespace, as a reader pastes
+them. A page is one test, so `pytest -n 2` never splits a page's namespace across
+workers, and a failure names the page and line (the blocks are compiled with the
+page as their file name and their own line numbers, so tracebacks point into the
+Markdown). A block that is deliberately not runnable is fenced as something other
+than `python` (`text`, `pycon`, `bash`).
+
+Blocks run with JAX's default promotion rules (a reader's, not the strict ones the
+rest of the suite uses), in a temporary working directory, and any JAX setting or
+environment variable a page changes is restored afterwards.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import importlib.util
+import os
 import pathlib
 import re
+import sys
+import types
+
+import jax
+import pytest
 
 import lift
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
+PAGES = [ROOT / "README.md", *sorted(DOCS.rglob("*.md"))]
+
+_OPEN = re.compile(r"^(?P<indent>[ \t]*)(?P<fence>`{3,}|~{3,})\s*(?P<info>[^`]*)$")
+# mkdocs' `pymdownx.snippets` include line: the block shows another file.
+_SNIPPET = re.compile(r'^\s*--8<--\s+"(?P<path>[^"]+)"\s*$')
+_IMPORT = re.compile(r"^\s*(?:from|import)\s+([A-Za-z_]\w*)", re.M)
+# JAX settings a page may change; each is put back after the page.
+_JAX_OPTIONS = (
+    "jax_enable_x64",
+    "jax_numpy_dtype_promotion",
+    "jax_numpy_rank_promotion",
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Block:
+    """One fenced code block: its language, first line of code (1-based), code."""
+
+    language: str
+    line: int
+    code: str
+
+
+def code_blocks(text: str) -> list[Block]:
+    """The fenced code blocks of a Markdown text, in order (also indented ones)."""
+    lines = text.splitlines()
+    blocks, i = [], 0
+    while i < len(lines):
+        opened = _OPEN.match(lines[i])
+        if opened is None:
+            i += 1
+            continue
+        indent, fence = opened["indent"], opened["fence"]
+        words = opened["info"].split()
+        body, j = [], i + 1
+        while j < len(lines):
+            stripped = lines[j].strip()
+            if stripped.startswith(fence) and not stripped.strip(fence[0]):
+                break
+            body.append(lines[j].removeprefix(indent))
+            j += 1
+        blocks.append(Block(words[0] if words else "", i + 2, "\n".join(body)))
+        i = j + 1
+    return blocks
+
+
+def python_blocks(page: pathlib.Path) -> list[Block]:
+    return [b for b in code_blocks(page.read_text()) if b.language == "python"]
+
+
+def _missing_modules(blocks: list[Block]) -> list[str]:
+    names = {m for block in blocks for m in _IMPORT.findall(block.code)}
+    return sorted(n for n in names if importlib.util.find_spec(n) is None)
+
+
+@contextlib.contextmanager
+def _restored_settings():
+    """Put back os.environ and the JAX settings a page may change."""
+    environ = dict(os.environ)
+    options = {name: getattr(jax.config, name) for name in _JAX_OPTIONS}
+    try:
+        with jax.numpy_dtype_promotion("standard"), jax.numpy_rank_promotion("allow"):
+            yield
+    finally:
+        os.environ.clear()
+        os.environ.update(environ)
+        for name, value in options.items():
+            jax.config.update(name, value)
+
+
+def run_page(page: pathlib.Path) -> None:
+    """Run the python blocks of `page` in order in one fresh module namespace."""
+    rel = page.relative_to(ROOT).as_posix() if page.is_relative_to(ROOT) else page
+    module = types.ModuleType("__docs__")
+    module.__file__ = str(page)
+    sys.modules["__docs__"] = module
+    try:
+        with _restored_settings():
+            for block in python_blocks(page):
+                included = [_SNIPPET.match(s) for s in block.code.splitlines()]
+                if any(included):  # an included example: it runs as a script in CI
+                    for match in filter(None, included):
+                        assert (ROOT / match["path"]).is_file(), (rel, match["path"])
+                    continue
+                # Blank lines in front keep the page's line numbers in tracebacks.
+                source = "\n" * (block.line - 1) + block.code + "\n"
+                try:
+                    exec(compile(source, str(page), "exec"), module.__dict__)
+                except BaseException as error:
+                    error.add_note(
+                        f"in the python block of {rel} that starts at line "
+                        f"{block.line} (blocks of a page run in order, as pasted)"
+                    )
+                    raise
+    finally:
+        del sys.modules["__docs__"]
+
+
+RUNNABLE = [page for page in PAGES if python_blocks(page)]
+
+
+@pytest.mark.parametrize(
+    "page", RUNNABLE, ids=[p.relative_to(ROOT).as_posix() for p in RUNNABLE]
+)
+def test_python_blocks_run(page, tmp_path, monkeypatch):
+    missing = _missing_modules(python_blocks(page))
+    if missing:
+        message = f"{page.name} needs {', '.join(missing)}"
+        if os.environ.get("LIFT_REQUIRE_EXTRAS"):
+            pytest.fail(f"{message} (LIFT_REQUIRE_EXTRAS is set)")
+        pytest.skip(message)
+    monkeypatch.chdir(tmp_path)  # a block that writes a file writes it here
+    run_page(page)
+
+
+def test_a_broken_block_fails_with_its_page_and_line(tmp_path):
+    page = tmp_path / "page.md"
+    page.write_text(
+        "# Page\n\n```python\nx = 1\n```\n\ntext\n\n"
+        "```text\nnot python\n```\n\n```python\ny = x + undefined\n```\n"
+    )
+    with pytest.raises(NameError, match="undefined") as caught:
+        run_page(page)
+    assert caught.value.__notes__ == [
+        f"in the python block of {page} that starts at line 14 (blocks of a page "
+        "run in order, as pasted)"
+    ]
+    frame = caught.traceback[-1]
+    assert (str(frame.path), frame.lineno + 1) == (str(page), 14)
+
+
+def test_fences_are_found_indented_and_only_python_runs():
+    text = "!!! note\n    ```python\n    a = 1\n    ```\n\n```text\nb\n```\n~~~python\nc\n~~~\n"
+    assert code_blocks(text) == [
+        Block("python", 3, "a = 1"),
+        Block("text", 7, "b"),
+        Block("python", 10, "c"),
+    ]
+
+
+def test_few_blocks_are_not_runnable():
+    fenced = [
+        (page.relative_to(ROOT).as_posix(), block.line, block.language)
+        for page in PAGES
+        for block in code_blocks(page.read_text())
+    ]
+    assert sum(lang == "python" for _, _, lang in fenced) > 30
+    assert {lang for _, _, lang in fenced} <= {"python", "text", "bash", "json", ""}
 
 
 def _docs_text() -> str:
@@ -17,6 +189,23 @@ def test_every_public_name_has_an_api_entry():
     text = _docs_text()
     missing = [name for name in lift.__all__ if f"::: lift.{name}\n" not in text]
     assert not missing, f"public names without a `::: lift.NAME` API entry: {missing}"
+
+
+def test_every_transform_has_a_runnable_example_in_the_docs():
+    code = "\n".join(block.code for page in RUNNABLE for block in python_blocks(page))
+    transforms = [
+        "jit", "vmap", "scan", "grad", "value_and_grad", "checkpoint", "cond",
+        "switch", "while_loop", "fori_loop", "eval_shape", "shard_map", "pmap",
+    ]  # fmt: skip
+    missing = [name for name in transforms if f"lift.{name}(" not in code]
+    assert not missing, f"transforms without a runnable docs example: {missing}"
+
+
+def test_docs_make_no_claim_the_benchmarks_contradict():
+    texts = {p: p.read_text() for p in [*PAGES, *(ROOT / "examples").glob("*.py")]}
+    for page, text in texts.items():
+        assert "costs what" not in text, page
+        assert "pip install lift" not in text, page
 
 
 def test_every_public_name_has_a_docstring_with_an_example():
