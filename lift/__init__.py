@@ -1,11 +1,18 @@
 """lift: stateful JAX made easy and fast.
 
 ``import lift`` never imports Equinox, Inox, Flax or Haiku: the converters in
-``lift.equinox`` and friends load only when used.
+``lift.equinox`` and friends load on first use, also as attributes (``lift.equinox``
+after a bare ``import lift``).
 """
+
+import importlib as _importlib
+from typing import Any as _Any
 
 from ._errors import FrameError as FrameError
 from ._errors import LiftError as LiftError
+from ._errors import LiftKeyError as LiftKeyError
+from ._errors import LiftTypeError as LiftTypeError
+from ._errors import LiftValueError as LiftValueError
 from ._errors import TraceError as TraceError
 from ._export import export_state as export_state
 from ._export import filter_state as filter_state
@@ -47,6 +54,9 @@ __all__ = [  # noqa: RUF022 - grouped: errors, trees, frames, transforms, io
     "FrameError",
     "Lifted",
     "LiftError",
+    "LiftKeyError",
+    "LiftTypeError",
+    "LiftValueError",
     "StateEntry",
     "StateKey",
     "TraceError",
@@ -81,3 +91,17 @@ __all__ = [  # noqa: RUF022 - grouped: errors, trees, frames, transforms, io
     "vmap",
     "while_loop",
 ]
+
+# Submodules loaded on first attribute access (PEP 562), so that `import lift` stays
+# free of the frameworks they import.
+_LAZY = ("equinox", "haiku", "inox", "io", "linen", "nnx", "testing")
+
+
+def __getattr__(name: str) -> _Any:
+    if name in _LAZY:
+        return _importlib.import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY})

@@ -36,15 +36,50 @@ class LiftError(Exception):
 
 
 class LiftTypeError(LiftError, TypeError):
-    """The wrong kind of object was given."""
+    """The wrong kind of object was given (also a builtin ``TypeError``).
+
+    Examples:
+        >>> import lift
+        >>> try:
+        ...     lift.export_state({}, prefix=3)
+        ... except lift.LiftTypeError as err:
+        ...     print(isinstance(err, TypeError), "prefix" in str(err))
+        True True
+    """
 
 
 class LiftValueError(LiftError, ValueError):
-    """An object of the right kind has the wrong structure, shape or dtype."""
+    """An object of the right kind has the wrong structure, shape or dtype.
+
+    Also a builtin ``ValueError``.
+
+    Examples:
+        >>> import jax.numpy as jnp
+        >>> import lift
+        >>> tree, state = lift.export_state({"n": lift.StateEntry(jnp.zeros(()))})
+        >>> try:
+        ...     lift.update_state(state, {tree["n"]: jnp.zeros(3)})
+        ... except lift.LiftValueError as err:
+        ...     print(isinstance(err, ValueError), "['n']" in str(err))
+        True True
+    """
 
 
 class LiftKeyError(LiftError, KeyError):
-    """A state key is missing; the message names the closest existing path."""
+    """A state key is missing; the message names the closest existing path.
+
+    Also a builtin ``KeyError``.
+
+    Examples:
+        >>> import jax.numpy as jnp
+        >>> import lift
+        >>> tree, state = lift.export_state({"mean": lift.StateEntry(jnp.zeros(()))})
+        >>> try:
+        ...     lift.update_state(state, {lift.StateKey("['maen']"): jnp.ones(())})
+        ... except lift.LiftKeyError as err:
+        ...     print(isinstance(err, KeyError), "['mean']" in str(err))
+        True True
+    """
 
     def __str__(self) -> str:
         # KeyError quotes its argument; a message reads better unquoted.
@@ -82,12 +117,22 @@ class TraceError(LiftError, RuntimeError):
     """
 
 
+# How alike (difflib's ratio, 0 to 1) an existing path must be to be suggested: a
+# one-letter typo in a short path scores about 0.9, an unrelated path of similar length
+# well under 0.5.
+CLOSE = 0.6
+
+
 def closest(path: str, candidates: Iterable[Any]) -> str:
-    """A hint naming the existing path closest to ``path``, or saying there is none."""
+    """A hint naming an existing path close to ``path``, or ``""`` when none is.
+
+    Only a path that is actually alike is suggested (:data:`CLOSE`); an unrelated one
+    would mislead more than it helps.
+    """
     names = [str(c) for c in candidates]
     if not names:
         return "The state is empty."
-    match = difflib.get_close_matches(path, names, n=1, cutoff=0.0)
+    match = difflib.get_close_matches(path, names, n=1, cutoff=CLOSE)
     return f"The closest existing path is {match[0]!r}." if match else ""
 
 

@@ -430,21 +430,42 @@ def test_catalogue_is_large_and_distinct() -> None:
 
 
 def test_error_kinds_subclass_the_builtins() -> None:
-    from lift import _errors
-
-    assert issubclass(_errors.LiftTypeError, TypeError)
-    assert issubclass(_errors.LiftValueError, ValueError)
-    assert issubclass(_errors.LiftKeyError, KeyError)
+    assert issubclass(lift.LiftTypeError, TypeError)
+    assert issubclass(lift.LiftValueError, ValueError)
+    assert issubclass(lift.LiftKeyError, KeyError)
     assert issubclass(lift.FrameError, RuntimeError)
     assert issubclass(lift.TraceError, RuntimeError)
     for kind in (
-        _errors.LiftTypeError,
-        _errors.LiftValueError,
-        _errors.LiftKeyError,
+        lift.LiftTypeError,
+        lift.LiftValueError,
+        lift.LiftKeyError,
         lift.FrameError,
         lift.TraceError,
     ):
         assert issubclass(kind, lift.LiftError)
+
+
+def test_closest_suggests_only_a_path_that_is_alike() -> None:
+    from lift._errors import closest
+
+    paths = [MEAN, VAR, COUNT]
+    assert closest("['bn']['maen']", paths) == f"The closest existing path is {MEAN!r}."
+    assert closest("['bn']['vars']", paths) == f"The closest existing path is {VAR!r}."
+    # Nothing alike: no suggestion rather than an arbitrary one.
+    assert closest("['optimizer']['momentum']", paths) == ""
+    assert closest("['zzzzzz']", paths) == ""
+    assert closest("['x']", []) == "The state is empty."
+
+
+def test_unknown_key_with_nothing_alike_names_no_path() -> None:
+    _, state = model()
+    with pytest.raises(lift.LiftKeyError) as info:
+        lift.update_state(state, {lift.StateKey("['optimizer']['momentum']"): 1.0})
+    message = str(info.value)
+    assert "['optimizer']['momentum']" in message
+    assert "closest" not in message
+    assert MEAN not in message
+    assert COUNT not in message
 
 
 def test_key_error_message_is_not_quoted() -> None:

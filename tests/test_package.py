@@ -59,6 +59,40 @@ def test_the_subprocess_check_would_see_an_import():
     assert "equinox" in json.loads(_fresh(code))
 
 
+def test_submodules_load_on_first_attribute_access():
+    # `lift.equinox` works after a bare `import lift` (PEP 562), and only then does
+    # the framework get imported; `dir(lift)` lists the lazy submodules.
+    pytest.importorskip("equinox")
+    code = (
+        "import json, sys\n"
+        "import lift\n"
+        "before = 'equinox' in sys.modules or 'lift.equinox' in sys.modules\n"
+        "listed = all(n in dir(lift) for n in "
+        "('equinox', 'inox', 'nnx', 'haiku', 'linen', 'io', 'testing'))\n"
+        "fn = lift.equinox.from_equinox\n"
+        "print(json.dumps([before, listed, callable(fn), 'equinox' in sys.modules]))\n"
+    )
+    assert json.loads(_fresh(code)) == [False, True, True, True]
+
+
+def test_unknown_attribute_is_an_attribute_error():
+    with pytest.raises(AttributeError, match="no_such_thing"):
+        lift.no_such_thing  # type: ignore[attr-defined]  # noqa: B018
+
+
+def test_error_classes_are_public():
+    assert lift.LiftKeyError.__module__ == "lift._errors"
+    for name, builtin in [
+        ("LiftKeyError", KeyError),
+        ("LiftTypeError", TypeError),
+        ("LiftValueError", ValueError),
+    ]:
+        cls = getattr(lift, name)
+        assert name in lift.__all__
+        assert issubclass(cls, lift.LiftError)
+        assert issubclass(cls, builtin)
+
+
 def test_all_names_exist_and_are_unique():
     assert len(lift.__all__) == len(set(lift.__all__))
     missing = [name for name in lift.__all__ if not hasattr(lift, name)]
