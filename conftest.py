@@ -61,6 +61,7 @@ OPTIONAL: dict[str, str] = {
     "inox": "inox",
     "nnx": "flax",
     "flax": "flax",
+    "linen": "flax",
     "haiku": "haiku",
     "orbax": "orbax.checkpoint",
     "testing": "hypothesis",
