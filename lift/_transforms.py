@@ -7,6 +7,7 @@ JAX transform to the pure function(s) and says how the state enters and leaves i
 from __future__ import annotations
 
 import operator
+import weakref
 from collections.abc import Callable, Hashable, Mapping, Sequence
 from typing import Any
 
@@ -80,6 +81,27 @@ def _refuse_consumed(tree: Any) -> None:
             raise _donated_error(tree, RuntimeError("deleted"))
 
 
+# A consumed array that spans several devices, passed to a compiled `jax.jit`
+# function, crashes the process instead of raising; only a check in Python before the
+# dispatch prevents it. Until some lifted `jit` donates, no array can have been
+# consumed by one, and calls take `jax.jit`'s C++ dispatch unchecked. Once one is
+# made, `_DONATING[0]` is set and every non-donating lifted `jit` (registered here)
+# forgets its C++-cached signatures and stops caching new ones, so each call reaches
+# its Python miss handler, which checks the arguments first.
+_DONATING = [False]
+_UNCHECKED: weakref.WeakSet[_Jit] = weakref.WeakSet()
+
+
+def _donation_starts() -> None:
+    if _DONATING[0]:
+        return
+    _DONATING[0] = True
+    for jitted in list(_UNCHECKED):
+        if jitted._fast is not None:
+            jitted._fast._clear_cache()  # type: ignore[attr-defined]
+    _UNCHECKED.clear()
+
+
 class _Jit(Lifted):
     """``lift.jit``: calls go straight to ``jax.jit``'s C++ dispatch where they can.
 
@@ -121,6 +143,10 @@ class _Jit(Lifted):
         self._call: Callable[..., Any] = (
             self._general if self._fast is None else self._checked
         )
+        if donate_state:
+            _donation_starts()
+        elif not _DONATING[0]:
+            _UNCHECKED.add(self)
 
     def handed_out(self) -> Callable[..., Any]:
         """What :func:`jit` returns: ``jax.jit``'s own function where it can."""
@@ -132,11 +158,17 @@ class _Jit(Lifted):
         self, jax_miss: Callable[..., Any], *args: Any, **kwargs: Any
     ) -> tuple[Any, Any, bool]:
         # C++ found no compiled signature for these arguments (the call's own).
+        if _DONATING[0]:
+            _refuse_consumed((args, kwargs))
         if not self._static and all(
             map(is_array, jax.tree_util.tree_leaves((args, kwargs)))
         ):
             try:
-                return jax_miss(*args, **kwargs)
+                out, fastpath, rebuild = jax_miss(*args, **kwargs)
+                if _DONATING[0] and not self._donate:
+                    # Cached in C++, a later call would skip the check above.
+                    return out, None, False
+                return out, fastpath, rebuild
             except _Fallback:
                 pass
             except (RuntimeError, ValueError) as err:
@@ -161,8 +193,8 @@ class _Jit(Lifted):
     def _run(
         self, pures: Sequence[Pure], state: State, *args: Any, **kwargs: Any
     ) -> Any:
-        if self._donate:
-            _refuse_consumed(state)
+        if _DONATING[0]:
+            _refuse_consumed((state, args, kwargs))
         fn = self._jitted.get(pures[0])
         if fn is None:
             if self._donate and _FRAME.get() is None:
@@ -181,8 +213,8 @@ class _Jit(Lifted):
     def _checked(self, *args: Any, **kwargs: Any) -> Any:
         if _FRAME.get() is not None:
             return self._general(*args, **kwargs)
-        if self._donate and args:
-            _refuse_consumed(args[0])
+        if _DONATING[0]:
+            _refuse_consumed((args, kwargs))
         try:
             return self._fast(*args, **kwargs)  # type: ignore[misc]
         except (RuntimeError, ValueError) as err:

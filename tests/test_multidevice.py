@@ -453,6 +453,56 @@ def test_reusing_donated_sharded_state_is_an_error():
     assert "donate_state" in proc.stdout
 
 
+_CONSUMED_INTO_COMPILED = """
+import jax, jax.numpy as jnp, numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+import lift
+mesh = Mesh(np.asarray(jax.devices()), ("data",))
+tree, state = lift.export_state(
+    {"rows": lift.StateEntry(jnp.zeros((8, 4))), "total": lift.StateEntry(jnp.zeros(8))}
+)
+state = jax.device_put(state, NamedSharding(mesh, P("data")))
+def bump(x):
+    lift.set(tree["rows"], lift.get(tree["rows"]) + x)
+    lift.set(tree["total"], lift.get(tree["total"]) + jnp.sum(x, 1))
+    return jnp.sum(x)
+evaluate = lift.jit(lift.stateful(bump))  # made before any donating jit
+x = jnp.ones((8, 4))
+evaluate(state, x)  # compiled: later calls are jax.jit's C++ dispatch
+train = lift.jit(lift.stateful(bump), donate_state=True)
+_, new = train(state, x)  # consumes `state`
+later = lift.jit(lift.stateful(bump))  # made after it
+later(new, x)
+for name, fn in [("evaluate", evaluate), ("later", later)]:
+    try:
+        fn(state, x)
+    except lift.LiftError as err:
+        print(name, type(err).__name__, err)
+print(evaluate(new, x)[0], later(new, x)[0])  # the live state still works
+"""
+
+
+def test_consumed_sharded_state_into_a_compiled_jit_is_an_error():
+    # Issue 14.9: a multi-device state consumed by a donating step, passed to another
+    # already-compiled lifted jit, killed the process (SIGSEGV) inside XLA. In a
+    # subprocess, so that a crash fails this test instead of killing pytest.
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+    proc = subprocess.run(
+        [sys.executable, "-c", _CONSUMED_INTO_COMPILED],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = proc.stdout.splitlines()
+    for name, line in zip(["evaluate", "later"], lines, strict=False):
+        assert line.startswith(f"{name} LiftValueError"), proc.stdout
+        for needed in ("['rows']", "['total']", "donate_state", "jnp.copy"):
+            assert needed in line, line
+    assert lines[2] == "32.0 32.0", proc.stdout
+
+
 @pytest.mark.parametrize("donate", [False, True], ids=["keep", "donate"])
 def test_jit_keeps_state_shardings_inside_a_frame(mesh, donate):
     tree, state = _sharded_state(mesh)
