@@ -11,6 +11,9 @@ from typing import Any, NamedTuple
 import jax
 import numpy as np
 
+from ._archive import read_manifest
+from ._errors import LiftTypeError
+
 __all__ = ["StateSummary", "SummaryRow", "summary"]
 
 
@@ -181,12 +184,8 @@ def summary(state: Mapping[Any, Any] | str | os.PathLike[str]) -> StateSummary:
         3 arrays, 28 bytes (28 B)
     """
     if isinstance(state, (str, os.PathLike)):
-        from .io import _file_rows
-
-        return StateSummary(tuple(_file_rows(state)))
+        return StateSummary(tuple(_file_rows(os.fspath(state))))
     if not isinstance(state, Mapping):
-        from ._errors import LiftTypeError
-
         raise LiftTypeError(
             f"`summary` takes a state dict or the path of a state file, got a "
             f"{type(state).__name__}."
@@ -197,3 +196,14 @@ def summary(state: Mapping[Any, Any] | str | os.PathLike[str]) -> StateSummary:
         for path, leaf in jax.tree_util.tree_flatten_with_path(value)[0]:
             rows.append(_row(str(key) + jax.tree_util.keystr(path), leaf))
     return StateSummary(tuple(rows))
+
+
+def _file_rows(path: str) -> list[SummaryRow]:
+    """The rows of a state file, from its checked manifest alone."""
+    entries = read_manifest(path, "summary")
+    # Sorted by key, as `summary` sorts a state.
+    return [
+        SummaryRow(entry.key + leaf.path, leaf.shape, leaf.dtype, leaf.nbytes, "")
+        for entry in sorted(entries, key=lambda e: e.key)
+        for leaf in entry.leaves
+    ]
