@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import contextvars
 import functools
+import inspect
 import weakref
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Generator, Mapping
+from types import GeneratorType
 from typing import Any, ParamSpec, TypeVar
 
 import jax
@@ -26,7 +28,7 @@ from ._errors import (
 )
 from ._export import State, check_value
 from ._keys import StateEntry, StateKey
-from ._tracing import dead_tracer, get_opaque_trace_state
+from ._tracing import TRACE_CTX, dead_tracer, foreign_kind, in_trace
 
 __all__ = ["Frame", "current_frame", "get", "is_pure", "lower", "set", "stateful"]
 
@@ -34,19 +36,16 @@ P = ParamSpec("P")
 R = TypeVar("R")
 
 
-class _NeedRefs(BaseException):
-    """Raised inside a foreign trace to restart a frame with array references.
-
-    A ``BaseException``, so that user code catching ``Exception`` does not swallow it.
-    """
-
-    def __init__(self, frame: Frame) -> None:
-        super().__init__()
-        self.frame = frame
-
-
 class Frame:
-    """The state of one :func:`stateful` call, read and written by get/set."""
+    """The state of one :func:`stateful` call, read and written by get/set.
+
+    Inside the JAX trace the frame was made in, values live in ``state``. A get or set
+    under another trace (a raw ``lax.scan`` body, a raw ``jax.jit``, a solver's loop)
+    moves that key into a JAX array reference made in the frame's own trace; JAX
+    threads references through its transforms, so every iteration reads what the
+    previous one wrote. Back in the frame's trace, references are read back into
+    ``state``. ``trace`` is ``None`` once the call has returned (the frame is closed).
+    """
 
     __slots__ = ("mutable", "name", "refs", "state", "trace", "why")
 
@@ -56,7 +55,6 @@ class Frame:
         *,
         mutable: bool,
         name: str,
-        refs: bool = False,
         why: str | None = None,
     ) -> None:
         self.state: State = dict(state)
@@ -67,15 +65,9 @@ class Frame:
             "state is read-only. Use `mutable=True` to update state."
         )
         self.name = name
-        self.trace = get_opaque_trace_state()
-        # In reference mode every value lives in a JAX array reference created in the
-        # frame's own trace, so loops that lift does not own (a raw `lax.scan` in a
-        # solver) can read and write it and JAX threads it through them.
-        self.refs: dict[Any, Any] | None = None
-        if refs:
-            self.refs = {
-                k: jax.tree_util.tree_map(jax.new_ref, v) for k, v in self.state.items()
-            }
+        self.trace: Any = TRACE_CTX.trace
+        # key -> [tree of references, written?], made on first use in another trace.
+        self.refs: dict[Any, list[Any]] | None = None
 
     def _missing(self, key: Any, what: str) -> LiftKeyError:
         return LiftKeyError(
@@ -84,19 +76,47 @@ class Frame:
             "by `export_state` for the tree whose keys you use."
         )
 
+    def _closed(self, key: Any, what: str) -> FrameError:
+        return FrameError(
+            f"`lift.{what}({key!r}{', ...' if what == 'set' else ''})` used the frame "
+            f"of {self.name}, which has returned: the code runs after that call, in "
+            "a context copied while it ran (an `asyncio` task created inside it, "
+            "`contextvars.copy_context()`) or in a generator it returned. The call's "
+            "state is in the dict it returned and is never changed afterwards. Give "
+            "that code its own frame: call a `lift.stateful` step with the returned "
+            "state."
+        )
+
     def read(self, key: Any) -> Any:
-        if self.refs is not None:
-            refs = self.refs.get(key)
-            if refs is None:
-                raise self._missing(key, "get")
-            return jax.tree_util.tree_map(lambda r: r[...], refs)
+        if self.refs is None and TRACE_CTX.trace is self.trace:
+            try:
+                return self.state[key]
+            except (KeyError, TypeError):
+                raise self._missing(key, "get") from None
+        return self._read_slow(key)
+
+    def _read_slow(self, key: Any) -> Any:
+        if self.trace is None:
+            raise self._closed(key, "get")
         try:
-            return self.state[key]
+            value = self.state[key]
         except (KeyError, TypeError):
             raise self._missing(key, "get") from None
+        if TRACE_CTX.trace is self.trace:
+            self._settle(key)
+            return self.state[key]
+        if not self.mutable:  # nothing can change: the value is a constant
+            return value
+        if (self.refs is None or key not in self.refs) and foreign_kind(
+            self.trace
+        ) == "detached":
+            return value  # JAX closes over it, as over any outer value
+        return jax.tree_util.tree_map(_deref, self._ref(key, "get")[0])
 
     def write(self, key: Any, value: Any) -> None:
         """A checked write, as done by :func:`set`."""
+        if self.trace is None:
+            raise self._closed(key, "set")
         if not self.mutable:
             raise FrameError(
                 f"`lift.set({key!r}, ...)` in an immutable frame ({self.name}): "
@@ -120,33 +140,73 @@ class Frame:
 
     def store(self, key: Any, value: Any) -> None:
         """An unchecked write of a value already known to fit."""
-        if self.refs is not None:
-            refs = self.refs[key]
-            try:
-                jax.tree_util.tree_map(_assign, refs, value)
-            except Exception as err:
-                raise _foreign_write(key, err) from err
+        if self.refs is None and TRACE_CTX.trace is self.trace:
+            self.state[key] = value
             return
-        if get_opaque_trace_state() != self.trace:
-            raise _NeedRefs(self)
-        self.state[key] = value
+        if self.trace is None:
+            raise self._closed(key, "set")
+        if TRACE_CTX.trace is self.trace:
+            self._settle(key, keep=False)
+            self.state[key] = value
+            return
+        entry = self._ref(key, "set")
+        try:
+            jax.tree_util.tree_map(_assign, entry[0], value)
+        except Exception as err:
+            raise _foreign_write(key, err) from err
+        entry[1] = True
+
+    def _ref(self, key: Any, what: str) -> list[Any]:
+        """The reference entry of ``key``, made in the frame's trace on first use."""
+        refs = self.refs
+        if refs is None:
+            refs = self.refs = {}
+        kind = foreign_kind(self.trace)
+        if kind is not None:
+            raise _unthreadable(key, what, kind)
+        entry = refs.get(key)
+        if entry is None:
+            with in_trace(self.trace):
+                made = jax.tree_util.tree_map(jax.new_ref, self.state[key])
+            entry = refs[key] = [made, False]
+        return entry
+
+    def _settle(self, key: Any, *, keep: bool = True) -> None:
+        """Back in the frame's trace: read ``key``'s reference back into ``state``."""
+        refs = self.refs
+        if refs is None:
+            return
+        entry = refs.pop(key, None)
+        if entry is not None and entry[1] and keep:
+            self.state[key] = jax.tree_util.tree_map(_deref, entry[0])
+        if not refs:
+            self.refs = None
 
     def snapshot(self) -> State:
         """The current values of all keys, as a new dict."""
-        if self.refs is not None:
-            return {
-                k: jax.tree_util.tree_map(lambda r: r[...], v)
-                for k, v in self.refs.items()
-            }
-        return dict(self.state)
+        if self.refs is None and TRACE_CTX.trace is self.trace:
+            return dict(self.state)
+        if self.trace is None:
+            raise self._closed(next(iter(self.state), "..."), "get")
+        if TRACE_CTX.trace is self.trace:
+            for key in list(self.refs or ()):
+                self._settle(key)
+            return dict(self.state)
+        if not self.mutable:
+            return dict(self.state)
+        return {
+            k: jax.tree_util.tree_map(_deref, self._ref(k, "get")[0])
+            for k in self.state
+        }
 
     def update(self, new: Mapping[Any, Any], *, check: bool) -> None:
         """Write many values (the results of a lifted transform or a lowered call)."""
-        if not check and self.refs is None:
-            if get_opaque_trace_state() != self.trace:
-                raise _NeedRefs(self)
-            self.state.update(new)
-            return
+        if not check:
+            if self.refs is None and TRACE_CTX.trace is self.trace:
+                self.state.update(new)
+                return
+            if not self.mutable and self.trace is not None:
+                return  # a read-only frame's transforms returned its values unchanged
         for key, value in new.items():
             if check:
                 if key not in self.state:
@@ -156,11 +216,24 @@ class Frame:
                         "silently. Merge the new entry into the state passed to "
                         "`stateful` (`merge_states`)."
                     )
-                if value is self.state[key] and self.refs is None:
+                if value is self.state[key] and (
+                    self.refs is None or key not in self.refs
+                ):
                     continue
                 self.write(key, value)
             else:
                 self.store(key, value)
+
+    def close(self) -> State:
+        """End the call: settle references and refuse any later get/set."""
+        out = self.snapshot() if self.refs is not None else self.state
+        self.trace = None
+        self.refs = None
+        return out
+
+
+def _deref(ref: Any) -> Any:
+    return ref[...]
 
 
 def _assign(ref: Any, value: Any) -> None:
@@ -168,12 +241,37 @@ def _assign(ref: Any, value: Any) -> None:
 
 
 def _foreign_write(key: Any, err: Exception) -> TraceError:
+    if "vmap" in str(err):
+        return TraceError(
+            f"`lift.set({key!r}, ...)` got a value batched by a raw `jax.vmap`: one "
+            "shared state entry cannot hold a different value per example, so the "
+            "update would be lost. Use `lift.vmap` instead of `jax.vmap`, with "
+            "`state_axes=` for per-example state, or with `axis_name=` and "
+            "`lax.pmean` (averaging over the batch) for shared state."
+        )
     return TraceError(
-        f"`lift.set({key!r}, ...)` got a value traced by a JAX transform that this "
-        f"frame does not own (JAX said: {str(err).splitlines()[0]}), so the update "
-        "would be lost. Use lift's transform instead of jax's: `lift.vmap` (with "
-        "`state_axes=` for per-example state, or `axis_name=` and `lax.pmean` for "
-        "shared state) instead of `jax.vmap`, `lift.scan` instead of `lax.scan`."
+        f"`lift.set({key!r}, ...)` got a value that the state cannot take in this JAX "
+        f"transform (JAX said: {str(err).splitlines()[0]}). The frame's state is not "
+        "differentiated or batched by raw `jax.grad`/`jax.vmap` around the `set`: use "
+        "lift's transforms (`lift.grad`, `lift.vmap`, ...) so the state flows through "
+        "them."
+    )
+
+
+def _unthreadable(key: Any, what: str, kind: str) -> TraceError:
+    call = f"`lift.{what}({key!r}{', ...' if what == 'set' else ''})`"
+    if kind == "checkpoint":
+        return TraceError(
+            f"{call} inside a raw `jax.checkpoint` under differentiation: JAX cannot "
+            "rematerialise state written there. Use `lift.checkpoint` instead of "
+            "`jax.checkpoint`; it threads the state through the checkpoint."
+        )
+    return TraceError(
+        f"{call} inside a function that JAX traces apart from the frame's "
+        "computation (the function of a `jax.custom_jvp` or `jax.custom_vjp`, under "
+        "a transform), so the state cannot flow in or out of it. Read the state "
+        "before calling that function and pass it in as an argument; return the new "
+        "value and `lift.set` it after the call."
     )
 
 
@@ -268,26 +366,54 @@ def run_in_frame(
     *,
     mutable: bool,
     name: str,
-    refs: list[bool],
     why: str | None = None,
 ) -> tuple[R, State]:
-    """Call ``f(*args, **kwargs)`` in a new frame over ``state``.
+    """Call ``f(*args, **kwargs)`` once, in a new frame over ``state``.
 
-    ``refs`` is a one-element cell: once a call of ``f`` needed array references (it
-    wrote state inside a transform lift does not own), later calls start with them.
+    The frame closes when ``f`` returns or raises: later get/set through it (from a
+    context copied while it ran) raise :class:`FrameError`, and the returned dict is
+    never written again.
     """
-    while True:
-        frame = Frame(state, mutable=mutable, name=name, refs=refs[0], why=why)
+    frame = Frame(state, mutable=mutable, name=name, why=why)
+    token = _FRAME.set(frame)
+    try:
+        out = f(*args, **kwargs)
+        new = frame.close()
+    finally:
+        _FRAME.reset(token)
+        frame.trace = frame.refs = None
+    if type(out) is GeneratorType:
+        out = _in_closed_frame(out, frame)  # type: ignore[assignment]
+    return out, new
+
+
+def _in_closed_frame(gen: Generator[Any, Any, Any], frame: Frame) -> Generator:
+    """``gen``, resumed with its closed frame current, so its get/set raise."""
+
+    def step(method: Callable[..., Any], *value: Any) -> Any:
         token = _FRAME.set(frame)
         try:
-            out = f(*args, **kwargs)
-            return out, frame.snapshot() if frame.refs is not None else frame.state
-        except _NeedRefs as need:
-            if need.frame is not frame or refs[0]:
-                raise
-            refs[0] = True
+            return method(*value)
         finally:
             _FRAME.reset(token)
+
+    def proxy() -> Generator[Any, Any, Any]:
+        try:
+            item = step(gen.send, None)
+            while True:
+                try:
+                    sent = yield item
+                except GeneratorExit:
+                    step(gen.close)
+                    raise
+                except BaseException as err:
+                    item = step(gen.throw, err)
+                else:
+                    item = step(gen.send, sent)
+        except StopIteration as stop:
+            return stop.value
+
+    return proxy()
 
 
 def stateful(
@@ -323,24 +449,78 @@ def stateful(
             f"`lift.stateful` takes a callable; got {type(f).__name__}."
         )
     name = f"`stateful({getattr(f, '__qualname__', type(f).__name__)})`"
-    refs = [False]
+    _refuse_lazy(f, name)
 
     @functools.wraps(f, updated=())
     def pure(state: Mapping[Any, Any], /, *args: Any, **kwargs: Any) -> tuple[R, State]:
-        if not isinstance(state, Mapping):
-            raise LiftTypeError(
-                f"{name} takes the state dict as its first argument; got "
-                f"{type(state).__name__}. Call it as `pure(state, *args)` with the "
-                "state from `export_state`."
-            )
-        return run_in_frame(
-            f, state, args, kwargs, mutable=mutable, name=name, refs=refs
-        )
+        if type(state) is not dict or (
+            state and type(next(iter(state))) is not StateKey
+        ):
+            _check_state_arg(state, name)
+        return run_in_frame(f, state, args, kwargs, mutable=mutable, name=name)
 
     pure.__lift_implicit__ = f  # type: ignore[attr-defined]
     pure.__lift_mutable__ = mutable  # type: ignore[attr-defined]
     _PURE.add(pure)
     return pure
+
+
+def _refuse_lazy(f: Any, name: str) -> None:
+    """Refuse generator and coroutine functions: their bodies run after the call."""
+    call = getattr(f, "__call__", None)  # noqa: B004 - a callable object's method
+    for what, test in (
+        ("a generator function", inspect.isgeneratorfunction),
+        ("a coroutine function", inspect.iscoroutinefunction),
+        ("an async generator function", inspect.isasyncgenfunction),
+    ):
+        if test(f) or (not inspect.isroutine(f) and test(call)):
+            raise LiftTypeError(
+                f"{name}: `lift.stateful` got {what}. Its body runs only when the "
+                "result is iterated or awaited, after the stateful call has returned "
+                "and its frame has closed, so it could not use this call's state. "
+                "Call `lift.get`/`lift.set` in a regular function, and iterate or "
+                "await outside: call a stateful step once per item, e.g. "
+                "`for x in data: out, state = step(state, x)`."
+            )
+
+
+def _check_state_arg(state: Any, name: str) -> None:
+    """Refuse a first argument that is not a state dict (a model, or no state)."""
+    expected = (
+        "Call it as `step(state, *args)`, with the state dict from "
+        "`model, state = lift.export_state(tree)` first and the model among the "
+        "other arguments."
+    )
+    if not isinstance(state, Mapping):
+        raise LiftTypeError(
+            f"{name} takes the state dict as its first argument; got "
+            f"{type(state).__name__}. {expected}"
+        )
+    bad = next((k for k in state if type(k) is not StateKey), _NONE)
+    if bad is not _NONE:
+        raise LiftTypeError(
+            f"{name} takes the state dict as its first argument; got a "
+            f"{type(state).__name__} with the key {bad!r} ({type(bad).__name__}), not "
+            f"a StateKey: a model or another dict was passed in place of the state. "
+            f"{expected}"
+        )
+    keys = [
+        x
+        for x in jax.tree_util.tree_leaves(
+            dict(state), is_leaf=lambda x: type(x) in (StateKey, StateEntry)
+        )
+        if type(x) in (StateKey, StateEntry)
+    ]
+    if keys:
+        raise LiftTypeError(
+            f"{name} takes the state dict as its first argument; got a "
+            f"{type(state).__name__} whose values hold {type(keys[0]).__name__} "
+            f"{str(keys[0])!r}: that is a model (an exported tree), not its state. "
+            f"{expected}"
+        )
+
+
+_NONE = object()
 
 
 # The functions `stateful` made. Membership, not an attribute: `functools.wraps` copies

@@ -39,7 +39,6 @@ class Pure:
         "keep_scalars",
         "mutable",
         "name",
-        "refs",
         "why",
     )
 
@@ -57,7 +56,6 @@ class Pure:
         self.keep_scalars = keep_scalars
         self.mutable = mutable
         self.name = name
-        self.refs = [False]
         self.has_static_out = False
 
     def __call__(self, state: State, /, *args: Any, **kwargs: Any) -> tuple[Any, State]:
@@ -69,7 +67,6 @@ class Pure:
             kwargs,
             mutable=self.mutable,
             name=self.name,
-            refs=self.refs,
             why=self.why,
         )
         out, static = mask(out, keep_scalars=self.keep_scalars)

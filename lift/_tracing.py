@@ -12,15 +12,24 @@ from typing import Any
 
 import jax
 from jax._src import core as _core
+from jax._src.interpreters import ad as _ad
 from jax.extend.core import get_opaque_trace_state
 
 __all__ = [
+    "TRACE_CTX",
     "batched_here",
     "dead_tracer",
+    "foreign_kind",
     "get_opaque_trace_state",
+    "in_trace",
     "is_array",
     "with_cache_miss",
 ]
+
+# `TRACE_CTX.trace` is the trace JAX is running now (the eager one at top level); a
+# frame keeps the one it was made in and compares by identity: one attribute read.
+TRACE_CTX = _core.trace_ctx
+in_trace = _core.set_current_trace
 
 try:
     from jax._src.interpreters.batching import BatchTracer as _BatchTracer
@@ -81,6 +90,39 @@ def dead_tracer(x: Any) -> bool:
 
 
 _UNKNOWN = object()
+
+_AD_TRACES = tuple(
+    t
+    for t in (getattr(_ad, "JVPTrace", None), getattr(_ad, "LinearizeTrace", None))
+    if t is not None
+)
+
+
+def foreign_kind(trace: Any) -> str | None:
+    """How the running trace relates to ``trace`` (a frame's) when they differ.
+
+    ``None`` when array references made in ``trace`` can thread state through the
+    running trace (a loop, ``jit`` or ``vmap`` nested in it). ``"detached"`` when the
+    running trace is not nested in ``trace`` at all: JAX traces the function apart
+    (``jax.custom_jvp``/``custom_vjp``) and a reference would leak out of it.
+    ``"checkpoint"`` when a ``jax.checkpoint`` lies between them under differentiation,
+    which JAX 0.10.2 cannot transpose with a reference in it.
+    """
+    current = TRACE_CTX.trace
+    remat = False
+    while current is not None and current is not trace:
+        if remat and isinstance(current, _AD_TRACES):
+            return "checkpoint"
+        frame = getattr(current, "frame", None)
+        info = getattr(frame, "debug_info", None)
+        if str(getattr(info, "traced_for", "")).startswith("checkpoint"):
+            remat = True
+        current = getattr(current, "parent_trace", None)
+    if current is None:
+        return "detached"
+    if remat and isinstance(current, _AD_TRACES):
+        return "checkpoint"
+    return None
 
 
 def with_cache_miss(

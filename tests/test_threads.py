@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import threading
 import time
 
 import jax.numpy as jnp
 import pytest
-from helpers import make_counter
+from helpers import make_counter, tick
 
 import lift
 
@@ -108,7 +109,7 @@ def test_a_thread_does_not_inherit_the_frame_of_its_creator():
 
 
 async def _count(tree, steps):
-    """Runs inside the frame it was created in; awaits between read and write."""
+    """Awaits between read and write; uses whatever frame its context holds."""
     reads = []
     for _ in range(steps):
         old = lift.get(tree["n"])
@@ -118,24 +119,82 @@ async def _count(tree, steps):
     return reads
 
 
-def test_asyncio_tasks_inside_frames_see_only_their_own_state():
+def test_asyncio_task_created_inside_a_frame_cannot_use_it_after_it_returns():
+    tree, state = make_counter(100)
+
+    async def main():
+        # The task copies the context, frame included, but runs after the call.
+        (task, new) = lift.stateful(
+            lambda: asyncio.get_running_loop().create_task(_count(tree, 3))
+        )(state)
+        with pytest.raises(lift.FrameError) as info:
+            await task
+        return new, info.value
+
+    new, err = asyncio.run(main())
+    msg = str(err)
+    assert "['n']" in msg
+    assert "has returned" in msg
+    assert "lift.stateful" in msg
+    assert int(new[tree["n"]]) == 100  # the returned dict was never written
+
+
+def test_asyncio_tasks_created_inside_frames_run_their_own_frames_concurrently():
     tree, _ = make_counter()
+    step = lift.stateful(lambda by: _slow_tick(tree, by))
     steps = 20
+
+    async def worker(start, by):
+        _, state = make_counter(start)
+        reads = []
+        for _ in range(steps):
+            old, state = step(state, jnp.asarray(by, jnp.int32))
+            reads.append(int(old))
+            await asyncio.sleep(0)
+        return reads, int(state[tree["n"]])
 
     async def main():
         tasks = []
-        for start in (0, 100):
-            _, state = make_counter(start)
-            # A task copies the current context: this one runs in this frame.
-            (task, _) = lift.stateful(
-                lambda: asyncio.get_running_loop().create_task(_count(tree, steps))
-            )(state)
+        for start, by in ((0, 1), (100, 2), (1000, 3)):
+            _, outer = make_counter(-1)
+            # created inside a stateful call: the copied context holds its frame,
+            # which closes before the task runs; the task's own calls make new frames
+            task, outer_new = lift.stateful(
+                lambda start=start, by=by: asyncio.get_running_loop().create_task(
+                    worker(start, by)
+                )
+            )(outer)
+            assert outer_new == outer
             tasks.append(task)
         return await asyncio.gather(*tasks)
 
-    reads_a, reads_b = asyncio.run(main())
-    assert reads_a == list(range(steps))
-    assert reads_b == list(range(100, 100 + steps))
+    results = asyncio.run(main())
+    for (reads, final), (start, by) in zip(
+        results, ((0, 1), (100, 2), (1000, 3)), strict=True
+    ):
+        assert reads == [start + by * i for i in range(steps)]
+        assert final == start + by * steps
+
+
+def test_copied_context_cannot_read_or_write_a_returned_frame():
+    tree, state = make_counter(7)
+    contexts = []
+
+    def step():
+        contexts.append(contextvars.copy_context())
+        return tick(tree)
+
+    _, new = lift.stateful(step)(state)
+    for what, call in (
+        ("get", lambda: lift.get(tree["n"])),
+        ("set", lambda: lift.set(tree["n"], jnp.asarray(1, jnp.int32))),
+    ):
+        with pytest.raises(lift.FrameError, match=r"\['n'\]") as info:
+            contexts[0].run(call)
+        assert f"lift.{what}(" in str(info.value)
+        assert "has returned" in str(info.value)
+    assert int(new[tree["n"]]) == 8
+    assert int(state[tree["n"]]) == 7
 
 
 def test_asyncio_tasks_interleaving_stateful_calls():
