@@ -163,7 +163,10 @@ def test_a_broken_block_fails_with_its_page_and_line(tmp_path):
 
 
 def test_fences_are_found_indented_and_only_python_runs():
-    text = "!!! note\n    ```python\n    a = 1\n    ```\n\n```text\nb\n```\n~~~python\nc\n~~~\n"
+    text = (
+        "!!! note\n    ```python\n    a = 1\n    ```\n\n"
+        "```text\nb\n```\n~~~python\nc\n~~~\n"
+    )
     assert code_blocks(text) == [
         Block("python", 3, "a = 1"),
         Block("text", 7, "b"),
@@ -201,11 +204,15 @@ def test_every_transform_has_a_runnable_example_in_the_docs():
     assert not missing, f"transforms without a runnable docs example: {missing}"
 
 
-def test_docs_make_no_claim_the_benchmarks_contradict():
-    texts = {p: p.read_text() for p in [*PAGES, *(ROOT / "examples").glob("*.py")]}
-    for page, text in texts.items():
-        assert "costs what" not in text, page
-        assert "pip install lift" not in text, page
+def test_docs_make_no_claim_the_benchmarks_contradict_and_install_jax_lift():
+    # The benchmarks measure a compiled lift.jit step at 1.07-1.09x a hand-written
+    # jax.jit step (the keys in the model cost JAX's flatten), so not "the same cost".
+    claim = re.compile(r"costs\s+what\s+(a\s+call\s+of\s+)?`?jax\.jit", re.I)
+    for path in [*PAGES, *(ROOT / "examples").glob("*.py")]:
+        text = path.read_text()
+        assert not claim.search(text), path
+        # The distribution is jax-lift: `pip install lift` installs another project.
+        assert not re.search(r"pip install ['\"]?lift\b", text), path
 
 
 def test_every_public_name_has_a_docstring_with_an_example():
