@@ -81,6 +81,23 @@ def _refuse_consumed(tree: Any) -> None:
             raise _donated_error(tree, RuntimeError("deleted"))
 
 
+def _unshare(tree: Any) -> Any:
+    """``tree`` with every array that appears twice in it copied after its first use.
+
+    XLA refuses to donate one buffer twice; one array under two keys (``z`` used for
+    two statistics) is legitimate state, so the duplicate gets its own buffer.
+    """
+    leaves, treedef = jax.tree_util.tree_flatten(tree)
+    seen: set[int] = set()
+    copied = False
+    for i, leaf in enumerate(leaves):
+        if id(leaf) in seen and is_array(leaf):
+            leaves[i] = jax.numpy.copy(leaf)
+            copied = True
+        seen.add(id(leaf))
+    return treedef.unflatten(leaves) if copied else tree
+
+
 # A consumed array that spans several devices, passed to a compiled `jax.jit`
 # function, crashes the process instead of raising; only a check in Python before the
 # dispatch prevents it. Until some lifted `jit` donates, no array can have been
@@ -195,6 +212,11 @@ class _Jit(Lifted):
     ) -> Any:
         if _DONATING[0]:
             _refuse_consumed((state, args, kwargs))
+        if self._donate:
+            if _FRAME.get() is None:
+                args = (_unshare(args[0]), *args[1:]) if args else args
+            else:
+                state = _unshare(state)
         fn = self._jitted.get(pures[0])
         if fn is None:
             if self._donate and _FRAME.get() is None:
@@ -215,6 +237,8 @@ class _Jit(Lifted):
             return self._general(*args, **kwargs)
         if _DONATING[0]:
             _refuse_consumed((args, kwargs))
+        if self._donate and args:
+            args = (_unshare(args[0]), *args[1:])
         try:
             return self._fast(*args, **kwargs)  # type: ignore[misc]
         except (RuntimeError, ValueError) as err:
@@ -460,6 +484,39 @@ def _split_scanned(state: State, state_axes: Any) -> tuple[State, dict[StateKey,
     return {k: v for k, v in state.items() if k not in axes}, axes
 
 
+def _check_lengths(
+    stacked: State, axes: Mapping[StateKey, int], xs: Any, length: int | None
+) -> None:
+    """Refuse stacked state whose length is not the number of steps, naming the key."""
+    if length is not None:
+        steps, source = length, f"`length={length}`"
+    else:
+        leaves = jax.tree_util.tree_leaves(xs)
+        steps = jax.numpy.shape(leaves[0])[0] if leaves else None
+        source = "the leading axis of `xs`"
+    first: tuple[StateKey, int] | None = None
+    for key, value in stacked.items():
+        for leaf in jax.tree_util.tree_leaves(value):
+            n = leaf.shape[0]
+            where = f"the state {str(key)!r} has {n} entries along its axis {axes[key]}"
+            if steps is not None and n != steps:
+                raise LiftValueError(
+                    f"`lift.scan`: {where}, but the scan runs {steps} steps (from "
+                    f"{source}). Scanned state (`state_axes`) needs one slice per "
+                    "step: stack it with as many entries as steps, or carry it "
+                    f"instead (`state_axes={{StateKey({str(key)!r}): None}}`)."
+                )
+            if first is None:
+                first = (key, n)
+            elif n != first[1]:
+                raise LiftValueError(
+                    f"`lift.scan`: {where}, but the state {str(first[0])!r} has "
+                    f"{first[1]}: all scanned state (`state_axes`) needs one slice per "
+                    "step. Stack both with the same number of entries, or carry one "
+                    f"(`state_axes={{StateKey({str(key)!r}): None}}`)."
+                )
+
+
 def _moveaxis(tree: Any, src: int, dst: int) -> Any:
     if src == dst:
         return tree
@@ -498,6 +555,7 @@ def scan(
     def run(pures: Sequence[Pure], state: State, init: Any, xs: Any) -> Any:
         carried, axes = _split_scanned(state, state_axes)
         stacked = {k: _moveaxis(state[k], a, 0) for k, a in axes.items()}
+        _check_lengths(stacked, axes, xs, length)
 
         def body(carry: Any, x: Any) -> Any:
             (c, carried), (xi, sliced) = carry, x
@@ -692,6 +750,7 @@ def value_and_grad(
         (f,),
         _vg_run(argnums, has_aux, holomorphic, allow_int, "value_and_grad"),
         name="value_and_grad",
+        keep_scalars=True,
     )
 
 
@@ -751,6 +810,7 @@ def grad(
         (f,),
         _vg_run(argnums, has_aux, holomorphic, allow_int, "grad", values=False),
         name="grad",
+        keep_scalars=True,
     )
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import sys
 
+import chex
 import hypothesis
 import jax
 import jax.numpy as jnp
@@ -440,6 +441,34 @@ def test_jit_consumed_state_into_a_compiled_jit_names_the_key(model):
         evaluate(fresh, jnp.ones(3))
 
 
+@pytest.mark.parametrize("where", ["top level", "inside a frame"])
+def test_jit_donate_state_one_buffer_under_two_keys(where):
+    # One array used for two statistics: XLA refuses to donate a buffer twice, so
+    # lift copies the duplicate; each key then evolves on its own.
+    z = jnp.zeros(3)
+    tree, state = lift.export_state(
+        {"a": lift.StateEntry(z), "b": lift.StateEntry(z), "c": lift.StateEntry(z)}
+    )
+
+    def f(x):
+        lift.set(tree["a"], lift.get(tree["a"]) + x)
+        lift.set(tree["b"], lift.get(tree["b"]) - x)
+        return x
+
+    if where == "top level":
+        step = lift.jit(lift.stateful(f), donate_state=True)
+    else:
+        step = lift.stateful(lift.jit(f, donate_state=True))
+    _, new = step(state, jnp.ones(3))
+    _, new = step(new, jnp.ones(3))
+    assert_close(new[tree["a"]], 2 * np.ones(3))
+    assert_close(new[tree["b"]], -2 * np.ones(3))
+    assert_close(new[tree["c"]], np.zeros(3))
+    assert z.is_deleted()  # the shared buffer was donated once, not copied
+    with pytest.raises(lift.LiftValueError, match=r"donat.*\['a'\]"):
+        step(state, jnp.ones(3))
+
+
 def test_jit_donate_state_inside_frame_reuse_raises(model):
     tree, state = model
     f = lift.jit(lambda x: accumulate(tree, x), donate_state=True)
@@ -651,6 +680,39 @@ def test_scan_over_layers_restacks_state():
     assert_close(newer[tree["layer_stats"]], 2 * inputs)
 
 
+@pytest.mark.parametrize(
+    ("xs", "length", "axes", "named", "lengths"),
+    [
+        (jnp.ones(5), None, {"a": 0}, ["['a']"], ["4 entries", "5 steps"]),
+        (None, 6, {"a": 0}, ["['a']"], ["4 entries", "6 steps", "length=6"]),
+        (jnp.ones(4), None, {"*": 0}, ["['b']"], ["3 entries", "4 steps"]),
+        (None, None, {"*": 0}, ["['a']", "['b']"], ["3 entries", "has 4"]),
+    ],
+    ids=["xs", "length", "one-of-two", "keys-disagree"],
+)
+def test_scan_over_layers_length_mismatch_names_the_key(
+    xs, length, axes, named, lengths
+):
+    tree, state = lift.export_state(
+        {
+            "a": lift.StateEntry(jnp.zeros((4, 3))),
+            "b": lift.StateEntry(jnp.zeros((3, 3))),
+        }
+    )
+
+    def layer(h, x):
+        lift.set(tree["a"], lift.get(tree["a"]) + h)
+        return h, None
+
+    run = lift.stateful(
+        lambda: lift.scan(layer, jnp.ones(3), xs, length, state_axes=axes)
+    )
+    with pytest.raises(lift.LiftValueError) as info:
+        run(state)
+    for needed in (*named, *lengths):
+        assert needed in str(info.value)
+
+
 def test_scan_reverse(model):
     tree, state = model
     xs = np.array([1.0, 10.0, 100.0], np.float32)
@@ -798,6 +860,18 @@ def test_grad_with_respect_to_tree_with_entries_is_a_type_error():
 def test_grad_at_top_level_is_jax_grad():
     x = jnp.array([1.0, 2.0, 3.0])
     assert_close(lift.grad(_loss_ref)(jnp.asarray(W), x), jax.grad(_loss_ref)(W, x))
+
+
+@pytest.mark.parametrize("transform", ["grad", "value_and_grad"])
+def test_grad_of_python_scalar_is_jax_grad(transform):
+    # Python numbers are differentiable inputs, as in JAX (not static values).
+    lifted = getattr(lift, transform)(lambda x: x**2)(3.0)
+    expected = getattr(jax, transform)(lambda x: x**2)(3.0)
+    chex.assert_trees_all_equal(lifted, expected)
+    assert float(jax.tree.leaves(lifted)[-1]) == 6.0
+    # A Python number that is not differentiated stays a number, as in JAX.
+    sized = lift.grad(lambda x, n: jnp.sum(jnp.ones(n) * x))(3.0, 4)
+    assert float(sized) == 4.0
 
 
 def test_grad_state_is_not_differentiated(model):
