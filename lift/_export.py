@@ -13,11 +13,18 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any, TypeVar
 
 import jax
-import numpy as np
 
-from ._errors import LiftKeyError, LiftTypeError, LiftValueError, closest, describe
-from ._keys import StateEntry, StateKey, matches
+from ._errors import LiftKeyError, LiftTypeError, LiftValueError, closest
+from ._keys import (
+    StateEntry,
+    StateKey,
+    check_pattern,
+    is_printed_key,
+    matches,
+    not_a_key,
+)
 from ._swap import export_entries, import_keys
+from ._values import check_value
 
 __all__ = [
     "State",
@@ -35,8 +42,6 @@ Filter = str | StateKey | type | Callable[[StateKey, Any], bool]
 T = TypeVar("T")
 
 _value = operator.attrgetter("value")
-_new_entry = StateEntry.__new__
-_set_value = vars(StateEntry)["value"].__set__  # the slot's descriptor
 _NESTING = frozenset({StateEntry, StateKey})
 
 
@@ -209,75 +214,6 @@ def import_state(tree: T, state: Mapping[StateKey, Any], *, strict: bool = True)
     return new_tree
 
 
-def _avals(value: Any) -> list[tuple[tuple[int, ...], Any, bool]]:
-    return [
-        (tuple(np.shape(x)), jax.dtypes.result_type(x), _is_weak(x))
-        for x in jax.tree_util.tree_leaves(value)
-    ]
-
-
-_SCALARS = (bool, int, float, complex)
-# A weakly typed value (a Python number, or an array computed only from them) takes the
-# state's dtype when that loses nothing: bool < int < float < complex.
-_RANK = {"b": 0, "i": 1, "u": 1, "f": 2, "V": 2, "c": 3}
-
-
-def _is_weak(x: Any) -> bool:
-    return type(x) in _SCALARS or bool(getattr(x, "weak_type", False))
-
-
-def _weak_fits(new: Any, old_dtype: Any) -> bool:
-    kind = np.dtype(jax.dtypes.result_type(new)).kind
-    if type(new) in _SCALARS:
-        kind = {bool: "b", int: "i", float: "f", complex: "c"}[type(new)]
-    old_kind = (
-        np.dtype(old_dtype).kind
-        if not jax.numpy.issubdtype(old_dtype, jax.dtypes.prng_key)
-        else "key"
-    )
-    return old_kind in _RANK and _RANK.get(kind, 9) <= _RANK[old_kind]
-
-
-def check_value(key: StateKey, old: Any, new: Any, *, where: str) -> Any:
-    """Validate ``new`` as the next value of ``key``; return it, cast where harmless.
-
-    The pytree structure, shapes and dtypes must match ``old``. A weakly typed value
-    (a Python number, or an array derived only from them) is cast to ``old``'s dtype
-    when no information is lost (an int into a float state, not a float into an int).
-    """
-    old_leaves, old_def = jax.tree_util.tree_flatten(old)
-    new_leaves, new_def = jax.tree_util.tree_flatten(new)
-    if old_def != new_def:
-        raise LiftValueError(
-            f"{where}: the new value of {str(key)!r} has structure {new_def}, but the "
-            f"state holds {old_def}. State keeps its structure: write a value shaped "
-            "like the one `get` returns."
-        )
-    out = []
-    changed = False
-    for old_leaf, new_leaf in zip(old_leaves, new_leaves, strict=True):
-        old_shape, new_shape = np.shape(old_leaf), np.shape(new_leaf)
-        old_dtype = jax.dtypes.result_type(old_leaf)
-        weak = _is_weak(new_leaf)
-        if old_shape == new_shape and weak and _weak_fits(new_leaf, old_dtype):
-            if (
-                type(new_leaf) in _SCALARS
-                or new_leaf.dtype != old_dtype
-                or (not _is_weak(old_leaf))
-            ):
-                new_leaf = jax.numpy.asarray(new_leaf, dtype=old_dtype)
-                changed = True
-        elif old_shape != new_shape or old_dtype != jax.dtypes.result_type(new_leaf):
-            raise LiftValueError(
-                f"{where}: the new value of {str(key)!r} is {describe(new)}, but the "
-                f"state holds {describe(old)}. State keeps its shape and dtype: "
-                f"cast with `.astype({old_dtype})` or reshape before writing, or "
-                "build the entry with the shape you need."
-            )
-        out.append(new_leaf)
-    return new_def.unflatten(out) if changed else new
-
-
 def update_state(
     state: Mapping[StateKey, Any], mutation: Mapping[StateKey, Any]
 ) -> State:
@@ -354,11 +290,22 @@ def merge_states(*states: Mapping[StateKey, Any]) -> State:
     return out
 
 
-def as_predicate(filt: Any) -> Callable[[StateKey, Any], bool]:
-    """A filter (glob, StateKey, type or predicate) as a ``(key, value) -> bool``."""
+def as_predicate(
+    filt: Any, state: Mapping[StateKey, Any] | None = None
+) -> Callable[[StateKey, Any], bool]:
+    """A filter (pattern, StateKey, type or predicate) as a ``(key, value) -> bool``.
+
+    A pattern holding ``[`` must be the printed form of a key: of one in ``state``
+    when it is given, else at least of a possible key.
+    """
     if isinstance(filt, StateKey):
         return lambda key, _: key == filt
     if isinstance(filt, str):
+        check_pattern(filt)
+        if is_printed_key(filt):
+            if state is not None and filt not in state:
+                raise not_a_key(filt, "is not the printed form of any key of the state")
+            return lambda key, _: key == filt
         return lambda key, _: matches(key, filt)
     if isinstance(filt, type):
         return lambda _, value: isinstance(value, filt)
@@ -378,9 +325,10 @@ def match_filters(
     """For each key, the option paired with the first filter of ``table`` it matches.
 
     Keys no filter matches get ``default(key)``. This is how every per-filter option
-    (``partition_state``, ``state_axes``, ``state_specs``) is resolved.
+    (``partition_state``, ``state_axes``, ``state_specs``) is resolved; filters are
+    read as :func:`filter_state` reads them.
     """
-    preds = [(as_predicate(filt), option) for filt, option in table]
+    preds = [(as_predicate(filt, state), option) for filt, option in table]
     out: dict[StateKey, T] = {}
     for key, value in state.items():
         out[key] = next((o for p, o in preds if p(key, value)), default(key))
@@ -390,9 +338,30 @@ def match_filters(
 def filter_state(state: Mapping[StateKey, Any], *filters: Filter) -> State:
     """The part of ``state`` whose keys match any of ``filters``.
 
-    A filter is a glob pattern matched on the key's path (``"*.bn.*"``; paths are
-    matched in dotted form, ``['bn'][0]`` as ``bn.0``), a :class:`StateKey`, a type of
-    the value, or a predicate ``(key, value) -> bool``.
+    A filter is one of:
+
+    * a **pattern** (``str``) on the key's dotted path: ``['layers'][0]['bn']`` and
+      ``.layers[0].bn`` are both ``layers.0.bn``. ``*`` matches any run of
+      characters, dots included, or none (``"*.bn.*"`` finds ``bn`` at any depth,
+      ``"bn.*"`` only at the root, ``"*mean"`` any path ending in ``mean``); every
+      other character matches only itself (``?`` too); a leading ``.`` is optional.
+      A pattern is matched against the whole path: ``"bn"`` selects the key
+      ``['bn']``, not the keys under it (write ``"bn.*"``);
+    * the **printed form of one key** (``str(key)``, such as ``"['bn']['mean']"``):
+      any filter holding ``[`` is one, and selects exactly that key. One that is not
+      the printed form of a key in the state is refused (``LiftValueError``, showing
+      the dotted pattern to write instead), never read as a glob;
+    * a :class:`StateKey`: exactly that key (also one whose path holds ``.`` or
+      ``*``, which a pattern cannot tell apart from its own);
+    * a **type**: the keys whose value is an instance of it;
+    * a **predicate** ``(key, value) -> bool``.
+
+    ``partition_state``, ``state_axes`` (``vmap``, ``scan``), ``state_specs``
+    (``shard_map``) and ``load_state(filters=)`` read filters the same way.
+
+    Raises:
+        LiftValueError: a filter holding ``[`` is not the printed form of a key.
+        LiftTypeError: a filter of another kind.
 
     Examples:
         >>> import jax.numpy as jnp
@@ -401,8 +370,10 @@ def filter_state(state: Mapping[StateKey, Any], *filters: Filter) -> State:
         >>> _, state = export_state(tree)
         >>> list(filter_state(state, "bn.*"))
         [StateKey("['bn']['mean']")]
+        >>> list(filter_state(state, "['n']"))
+        [StateKey("['n']")]
     """
-    preds = [as_predicate(f) for f in filters]
+    preds = [as_predicate(f, state) for f in filters]
     return {k: v for k, v in state.items() if any(p(k, v) for p in preds)}
 
 
@@ -412,7 +383,8 @@ def partition_state(
     """Split ``state`` by ``filters``: one dict per filter, then one for the rest.
 
     A key goes to the first filter it matches. ``merge_states`` of the parts is the
-    original state.
+    original state. Filters are read as :func:`filter_state` reads them (patterns on
+    the dotted path, printed keys, StateKeys, types, predicates).
 
     Examples:
         >>> import jax.numpy as jnp

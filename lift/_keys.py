@@ -2,15 +2,24 @@
 
 from __future__ import annotations
 
-import fnmatch
+import ast
+import functools
 import json
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any, Generic, TypeVar
 
 import jax
 
-__all__ = ["StateEntry", "StateKey", "dotted", "matches"]
+__all__ = [
+    "StateEntry",
+    "StateKey",
+    "check_pattern",
+    "dotted",
+    "is_printed_key",
+    "matches",
+    "not_a_key",
+]
 
 T = TypeVar("T")
 
@@ -131,33 +140,93 @@ jax.tree_util.register_pytree_with_keys(
 )
 
 
-_SUBSCRIPT = re.compile(r"\[(?:'((?:[^'\\]|\\.)*)'|\"((?:[^\"\\]|\\.)*)\"|([^\]]*))\]")
+# One subscript of a printed key path: ``['name']``, ``["it's"]`` or ``[0]``.
+_SUBSCRIPT_RE = r"\[(?:('(?:[^'\\]|\\.)*'|\"(?:[^\"\\]|\\.)*\")|([^\]]*))\]"
+_SUBSCRIPT = re.compile(_SUBSCRIPT_RE)
+# A whole printed key path: an optional prefix, then subscripts and ``.attribute``s.
+_PRINTED = re.compile(r"[^\[\]]*(?:" + _SUBSCRIPT_RE + r"|\.[^.\[\]]*)*")
 _DOTTED: dict[str, str] = {}
+_DOTTED_LIMIT = 1_000_000
+
+
+def _segment(match: re.Match[str]) -> str:
+    quoted, bare = match.groups()
+    if quoted is None:
+        return "." + bare
+    try:
+        return "." + str(ast.literal_eval(quoted))
+    except (ValueError, SyntaxError):  # not a Python string literal after all
+        return "." + quoted[1:-1]
 
 
 def dotted(path: str) -> str:
-    """``.layers[0]['bn']`` → ``layers.0.bn``: the form glob patterns are matched on."""
+    """``.layers[0]['bn']`` → ``layers.0.bn``: the form patterns are matched on.
+
+    Each segment of the path (a dict key, an index, an attribute) as it is, joined by
+    dots. Lossy where a segment holds a dot (``['c.d']`` and ``['c']['d']`` are both
+    ``c.d``): select such a key by its :class:`StateKey` or its printed form.
+    """
     out = _DOTTED.get(path)
     if out is None:
-        out = _SUBSCRIPT.sub(
-            lambda m: "." + next(g for g in m.groups() if g is not None), path
-        ).lstrip(".")
-        if len(_DOTTED) < 1_000_000:
-            _DOTTED[path] = out
+        out = _SUBSCRIPT.sub(_segment, path)
+        out = out[1:] if out.startswith(".") else out
+        if len(_DOTTED) >= _DOTTED_LIMIT:
+            _DOTTED.clear()
+        _DOTTED[path] = out
     return out
 
 
+def is_printed_key(pattern: str) -> bool:
+    """Whether ``pattern`` is read as the printed form of one key (it holds ``[``)."""
+    return "[" in pattern
+
+
+def check_pattern(pattern: str) -> None:
+    """Refuse a pattern with ``[`` that cannot be the printed form of any key."""
+    if is_printed_key(pattern) and _PRINTED.fullmatch(pattern) is None:
+        raise not_a_key(pattern, "is not the printed form of a key")
+
+
+def not_a_key(pattern: str, why: str) -> Exception:
+    """The error for a pattern holding ``[`` that names no key, showing the fix."""
+    from ._errors import LiftValueError
+
+    return LiftValueError(
+        f"The state filter {pattern!r} {why}. A filter holding `[` must be exactly "
+        "the printed form of one key (`str(key)`, for example \"['bn']['mean']\"), "
+        "and selects only that key. To select by pattern, use the dotted form, "
+        f"where `*` matches any run of characters: {dotted(pattern)!r}."
+    )
+
+
+@functools.lru_cache(maxsize=4096)
+def _compile(pattern: str) -> Callable[[str], Any]:
+    # A leading dot is optional: the pattern and the dotted path both get one.
+    if not pattern.startswith((".", "*")):
+        pattern = "." + pattern
+    body = ".*".join(re.escape(part) for part in pattern.split("*"))
+    return re.compile(body, re.DOTALL).fullmatch
+
+
 def matches(path: str, pattern: str) -> bool:
-    """Whether a glob ``pattern`` matches a key path, in its raw or dotted form.
+    """Whether ``pattern`` selects the key path ``path``.
+
+    The pattern language (used by every filter in lift):
+
+    * a pattern without ``[`` is matched on the key's dotted path (``layers.0.bn``
+      for ``['layers'][0]['bn']`` and for ``.layers[0].bn``): ``*`` matches any run
+      of characters (none, or several segments: ``"*.bn.*"`` finds ``bn`` at any
+      depth), every other character only itself; a leading ``.`` is optional;
+    * a pattern with ``[`` is the printed form of one key (``str(key)``) and
+      matches only that key, character for character.
 
     Examples:
         >>> from lift._keys import matches
         >>> matches(".layers[0].bn.mean", "*.bn.*"), matches("['bn']['var']", "bn.*")
         (True, True)
+        >>> matches("['norm']['mean']", "['bn']['mean']")
+        False
     """
-    if pattern == path:
-        return True
-    name = dotted(path)
-    return fnmatch.fnmatchcase(name, pattern) or fnmatch.fnmatchcase(
-        "." + name, pattern
-    )
+    if is_printed_key(pattern):
+        return pattern == path
+    return _compile(pattern)("." + dotted(path)) is not None
