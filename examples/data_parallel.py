@@ -6,6 +6,10 @@ with `lax.pmean`, so the replicated parameters and running statistics stay ident
 on every device. (Writing an un-averaged statistic into replicated state is an error
 naming the key.) The same script runs on several hosts after
 `jax.distributed.initialize()`: the mesh over `jax.devices()` then spans all of them.
+Evaluation reads the statistics in inference mode (`lift.stateful(..., mutable=False)`).
+
+Data: scikit-learn's digits, split shuffled and stratified, a quarter for testing (the
+same split as the quickstart).
 
 Run: python examples/data_parallel.py   (LIFT_EXAMPLES_QUICK=1 for a few steps)
 """
@@ -24,9 +28,9 @@ from jax import lax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 from sklearn.datasets import load_digits
+from sklearn.model_selection import train_test_split
 
 import lift
-from lift._shard import shard_map  # lift.shard_map once exported
 
 QUICK = os.environ.get("LIFT_EXAMPLES_QUICK") == "1"
 HIDDEN, BATCH, STEPS, LR = 128, 256, (5 if QUICK else 400), 0.1
@@ -44,6 +48,18 @@ bn, state = lift.export_state(
         "var": lift.StateEntry(jnp.ones(HIDDEN)),
     }
 )
+
+
+def digits_split():
+    """Digits as (x_train, x_test, y_train, y_test): shuffled, stratified, 25% test."""
+    digits = load_digits()
+    return train_test_split(
+        (digits.data / 16.0).astype(np.float32),
+        digits.target.astype(np.int32),
+        test_size=0.25,
+        random_state=0,
+        stratify=digits.target,
+    )
 
 
 def forward(params, x, train):
@@ -66,7 +82,7 @@ def loss_fn(params, x, y):
 
 @lift.jit
 @lift.stateful
-@shard_map(mesh=mesh, in_specs=(P(), P("data"), P("data")), out_specs=(P(), P()))
+@lift.shard_map(mesh=mesh, in_specs=(P(), P("data"), P("data")), out_specs=(P(), P()))
 def train_step(params, x, y):
     # Each device differentiates its own loss w.r.t. its own copy of the parameters.
     local = lax.pcast(params, "data", to="varying")
@@ -77,28 +93,25 @@ def train_step(params, x, y):
 
 @lift.jit
 def accuracy(state, params, x, y):
+    # Inference mode: the statistics are read, and a `lift.set` would raise.
     logits, _ = lift.stateful(forward, mutable=False)(state, params, x, False)
     return jnp.mean(jnp.argmax(logits, -1) == y)
 
 
 def main():
-    digits = load_digits()
-    x = (digits.data / 16.0).astype(np.float32)
-    y = digits.target.astype(np.int32)
-    order = np.random.default_rng(0).permutation(len(x))
-    train, test = order[:1500], order[1500:]
+    x_train, x_test, y_train, y_test = digits_split()
     rows = NamedSharding(mesh, P("data"))
     global params, state
     rng = np.random.default_rng(1)
     for step in range(STEPS):
-        idx = rng.choice(train, BATCH, replace=False)
+        idx = rng.choice(len(x_train), BATCH, replace=False)
         # Place each batch split over the devices (on several hosts, build it with
         # `jax.make_array_from_process_local_data(rows, local_rows)`).
-        xb, yb = jax.device_put((x[idx], y[idx]), rows)
+        xb, yb = jax.device_put((x_train[idx], y_train[idx]), rows)
         (params, loss), state = train_step(state, params, xb, yb)
         if step % 100 == 0 or step == STEPS - 1:
             print(f"step {step:4d}  loss {float(loss):.4f}")
-    acc = float(accuracy(state, params, x[test], y[test]))
+    acc = float(accuracy(state, params, x_test, y_test))
     print(f"test accuracy {acc:.3f} on {len(jax.devices())} devices")
     print("running mean sharding:", state[bn["mean"]].sharding.spec)
     if not QUICK:

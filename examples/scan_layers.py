@@ -4,6 +4,10 @@ The layers are built with `lift.vmap` over their constructor, so their parameter
 their state are stacked along a leading axis. `lift.scan(..., state_axes={"*": 0})`
 runs one compiled layer body over the stack: each step sees one layer's slice of the
 statistics, and the updated slices are restacked. Compile time does not grow with depth.
+Evaluation reads the statistics in inference mode (`lift.stateful(..., mutable=False)`).
+
+Data: scikit-learn's digits, split shuffled and stratified, a quarter for testing (the
+same split as the quickstart).
 
 Run: python examples/scan_layers.py   (LIFT_EXAMPLES_QUICK=1 for a few steps)
 """
@@ -14,11 +18,24 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from sklearn.datasets import load_digits
+from sklearn.model_selection import train_test_split
 
 import lift
 
 QUICK = os.environ.get("LIFT_EXAMPLES_QUICK") == "1"
 DEPTH, WIDTH, STEPS, LR = 8, 64, (5 if QUICK else 300), 0.05
+
+
+def digits_split():
+    """Digits as (x_train, x_test, y_train, y_test): shuffled, stratified, 25% test."""
+    digits = load_digits()
+    return train_test_split(
+        (digits.data / 16.0).astype(np.float32),
+        digits.target.astype(np.int32),
+        test_size=0.25,
+        random_state=0,
+        stratify=digits.target,
+    )
 
 
 def make_layer(key):
@@ -44,7 +61,7 @@ def layer_forward(layer, h, train):
         mean, var = z.mean(0), z.var(0)
         lift.set(layer["mean"], 0.9 * lift.get(layer["mean"]) + 0.1 * mean)
         lift.set(layer["var"], 0.9 * lift.get(layer["var"]) + 0.1 * var)
-    else:
+    else:  # the running statistics, only read
         mean, var = lift.get(layer["mean"]), lift.get(layer["var"])
     return h + jax.nn.relu((z - mean) / jnp.sqrt(var + 1e-5))
 
@@ -70,16 +87,14 @@ def train_step(model, x, y):
 
 
 @lift.jit
-@lift.stateful
-def accuracy(model, x, y):
-    return jnp.mean(jnp.argmax(forward(model, x, train=False), -1) == y)
+def accuracy(state, model, x, y):
+    # Inference mode: the statistics are read, and a `lift.set` would raise.
+    logits, _ = lift.stateful(forward, mutable=False)(state, model, x, train=False)
+    return jnp.mean(jnp.argmax(logits, -1) == y)
 
 
 def main():
-    digits = load_digits()
-    x = jnp.asarray(digits.data / 16.0, jnp.float32)
-    y = jnp.asarray(digits.target, jnp.int32)
-    x_train, y_train, x_test, y_test = x[:1500], y[:1500], x[1500:], y[1500:]
+    x_train, x_test, y_train, y_test = digits_split()
 
     model, state = lift.export_state(make_model(jax.random.key(0)))
     print(
@@ -94,7 +109,7 @@ def main():
         if step % 100 == 0 or step == STEPS - 1:
             print(f"step {step:4d}  loss {float(loss):.3f}")
 
-    acc, _ = accuracy(state, model, x_test, y_test)
+    acc = accuracy(state, model, x_test, y_test)
     print(f"test accuracy {float(acc):.3f} with {DEPTH} scanned layers")
 
 
