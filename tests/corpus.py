@@ -3,7 +3,11 @@
 Each case builds a fresh tree and writes out, by hand, the JAX key path of every
 ``StateEntry`` occurrence (in flatten order) and the key ``export_state`` must give it.
 They differ only for shared entries, whose later occurrences reuse the first key.
-Cases needing Equinox or Inox are left out when those are not installed.
+
+Cases built from Equinox or Inox models are left out of ``CORPUS`` (so out of every
+parametrization over it) when that library is not installed. ``CASES`` names every
+case; building one whose library is missing skips the test, or fails it when
+``LIFT_REQUIRE_EXTRAS`` is set.
 """
 
 from __future__ import annotations
@@ -12,24 +16,49 @@ import collections
 import dataclasses
 import functools
 import importlib.util
+import os
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import pytest
 
 from lift import StateEntry, StateKey
 from lift.testing import Box, Pair, Record
 
 
+def has(module: str) -> bool:
+    """Whether the optional library ``module`` can be imported."""
+    return importlib.util.find_spec(module) is not None
+
+
+def require(module: str) -> None:
+    """Skip the running test unless ``module`` is installed (fail if required)."""
+    if has(module):
+        return
+    reason = f"needs {module}, an optional extra that is not installed"
+    if os.environ.get("LIFT_REQUIRE_EXTRAS"):
+        pytest.fail(f"{reason}, and LIFT_REQUIRE_EXTRAS is set")
+    pytest.skip(reason)
+
+
 @dataclasses.dataclass(frozen=True)
 class Case:
     name: str
-    build: Callable[[], Any]
+    make: Callable[[], Any]
     paths: tuple[str, ...]
     keys: tuple[str, ...] | None = None
     # True when the tree holds StateKeys before export (it cannot round-trip alone).
     has_keys: bool = False
+    # The optional library the tree is built from, if any.
+    needs: str | None = None
+
+    def build(self) -> Any:
+        """A fresh tree; skips the test when the library it needs is missing."""
+        if self.needs is not None:
+            require(self.needs)
+        return self.make()
 
     @property
     def expected_keys(self) -> tuple[str, ...]:
@@ -433,6 +462,7 @@ EQUINOX: list[Case] = [
         ".layers[1].bn.mean",
         ".layers[1].bn.var",
         ".step",
+        needs="equinox",
     ),
     _case(
         "equinox_shared",
@@ -441,6 +471,7 @@ EQUINOX: list[Case] = [
         ".layers[0].var",
         ".layers[1].mean",
         keys=(".layers[0].mean", ".layers[0].var", ".layers[0].mean"),
+        needs="equinox",
     ),
 ]
 
@@ -451,21 +482,17 @@ INOX: list[Case] = [
         ".count",
         ".norms[0].stats",
         ".norms[1].stats",
+        needs="inox",
     ),
-    _case("inox_norm", inox_norm, ".stats"),
-    _case("inox_in_dict", lambda: {"net": inox_norm()}, "['net'].stats"),
+    _case("inox_norm", inox_norm, ".stats", needs="inox"),
+    _case("inox_in_dict", lambda: {"net": inox_norm()}, "['net'].stats", needs="inox"),
 ]
 
-
-def has(module: str) -> bool:
-    return importlib.util.find_spec(module) is not None
-
-
+# Every case, by name, whether or not its library is installed.
+CASES: dict[str, Case] = {case.name: case for case in [*BASE, *EQUINOX, *INOX]}
+# The cases this environment can build.
 CORPUS: list[Case] = [
-    *BASE,
-    *(EQUINOX if has("equinox") else []),
-    *(INOX if has("inox") else []),
+    case for case in CASES.values() if case.needs is None or has(case.needs)
 ]
-CASES: dict[str, Case] = {case.name: case for case in CORPUS}
 # Cases whose tree holds no StateKey before export: they round-trip on their own.
 ROUND_TRIP: list[Case] = [case for case in CORPUS if not case.has_keys]

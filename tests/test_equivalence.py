@@ -1,8 +1,14 @@
 """One stateful step, the same outputs and state eager, jitted, vmapped, scanned.
 
-A ``variant`` fixture (Chex's ``variants`` as a pytest fixture) runs a BatchNorm-like
-step with running mean/var and a counter several steps in a row; every variant must
-match both the eager run and a pure reference written with plain ``jnp`` math.
+A ``variant`` fixture runs a BatchNorm-like step with running mean/var and a counter
+several steps in a row; every variant must match both the eager run and a pure
+reference written with plain ``jnp`` math. States are compared with Chex
+(``assert_trees_all_close(..., strict=True)``: same keys, shapes, dtypes and values).
+
+``chex.variants`` is not used for the fixture: it parametrizes ``chex.TestCase``
+(unittest) methods, not pytest tests, and its variants are JAX's ``jit``/``pmap`` with
+and without device placement, while these are lift's ``jit``, ``vmap`` with a named
+batch axis over one and many lanes, and ``scan``.
 """
 
 from __future__ import annotations
@@ -10,6 +16,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import chex
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -110,13 +117,10 @@ def _pure_reference(tree, state, xs):
 
 
 def _assert_matches(ys, state, tree, ref_ys, ref_values):
-    np.testing.assert_allclose(ys, ref_ys, rtol=RTOL, atol=ATOL)
-    assert set(state) == {tree["mean"], tree["var"], tree["count"]}
-    for name, ref in ref_values.items():
-        got = state[tree[name]]
-        assert got.shape == np.shape(ref), name
-        assert got.dtype == ref.dtype, name
-        np.testing.assert_allclose(got, ref, rtol=RTOL, atol=ATOL, err_msg=name)
+    expected = {tree[name]: ref for name, ref in ref_values.items()}
+    chex.assert_trees_all_close(
+        (ys, state), (ref_ys, expected), rtol=RTOL, atol=ATOL, strict=True
+    )
 
 
 def test_variant_matches_eager(variant, model, data):
@@ -124,7 +128,7 @@ def test_variant_matches_eager(variant, model, data):
     xs = data[:, : variant.batch]
     ys, new = variant.run(tree, state, xs)
     ref_ys, ref_state = _run_eager(tree, state, xs)
-    assert ys.shape == (STEPS, variant.batch, FEATURES)
+    chex.assert_shape(ys, (STEPS, variant.batch, FEATURES))
     _assert_matches(ys, new, tree, ref_ys, bn_values(tree, ref_state))
     assert int(new[tree["count"]]) == STEPS
 
@@ -156,7 +160,4 @@ def test_variant_continues_from_its_own_state(variant, model, data):
     _, mid = variant.run(tree, state, xs[:1])
     _, end = variant.run(tree, mid, xs[1:])
     _, ref = _run_eager(tree, state, xs)
-    for name in ("mean", "var", "count"):
-        np.testing.assert_allclose(
-            end[tree[name]], ref[tree[name]], rtol=RTOL, atol=ATOL, err_msg=name
-        )
+    chex.assert_trees_all_close(end, ref, rtol=RTOL, atol=ATOL, strict=True)

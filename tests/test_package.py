@@ -112,16 +112,32 @@ def test_py_typed_marker_is_shipped():
     assert (Path(lift.__file__).parent / "py.typed").is_file()
 
 
-def test_version_matches_pyproject():
+def test_version_has_one_source():
+    # pyproject.toml reads the version from lift/__init__.py; it states none itself.
     meta = tomllib.loads((ROOT / "pyproject.toml").read_text())
-    assert lift.__version__ == meta["project"]["version"]
+    assert "version" not in meta["project"]
+    assert meta["project"]["dynamic"] == ["version"]
+    assert meta["tool"]["hatch"]["version"]["path"] == "lift/__init__.py"
 
 
-def test_installed_metadata_matches_pyproject():
+def test_distribution_is_jax_lift():
+    # `lift` on the package index is an unrelated project: the distribution is
+    # `jax-lift`, and the extras refer to it by that name.
+    meta = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    assert meta["project"]["name"] == "jax-lift"
+    extras = meta["project"]["optional-dependencies"]
+    self_refs = [
+        r for reqs in extras.values() for r in reqs if r.startswith("jax-lift")
+    ]
+    assert self_refs, "the dev extra no longer refers to the other extras"
+    named = [r.split("[")[1].rstrip("]").split(",") for r in self_refs]
+    assert all(name in extras for names in named for name in names), named
+
+
+def test_installed_metadata_matches_the_source():
     from importlib.metadata import version
 
-    meta = tomllib.loads((ROOT / "pyproject.toml").read_text())
-    assert version("lift") == meta["project"]["version"]
+    assert version("jax-lift") == lift.__version__
 
 
 # ----------------------------------------------------- the setup in conftest.py
