@@ -332,10 +332,14 @@ def _entry(item: Any) -> Entry:
     records = _field(item, "leaves", list, key)
     leaves = tuple(_leaf(record, key) for record in records)
     count = _count_leaves(tree, key)
-    if count is not None and count != len(leaves):
-        raise Damaged(
-            f"its structure has {count} leaves, the manifest lists {len(leaves)}", key
-        )
+    if count is not None:  # no custom node: the structure gives the leaves' paths
+        paths = leaf_paths(decode_tree(tree, iter(range(count))))[0]
+        if paths != [leaf.path for leaf in leaves]:
+            raise Damaged(
+                f"its structure has leaves at {_short(paths)}, the manifest lists "
+                f"{_short([leaf.path for leaf in leaves])}",
+                key,
+            )
     return Entry(key, tree, treedef, leaves)
 
 
