@@ -93,6 +93,15 @@ def make_state() -> dict[StateKey, Any]:
 
 
 K = StateKey
+# The leaf paths of `make_state()`, in key order.
+MADE_PATHS = [
+    "['bn']['mean']",
+    "['bn']['var']",
+    "['rng']",
+    "['stats'].mean",
+    "['stats'].var",
+    "['step']",
+]
 
 # ------------------------------------------------------------------ round trips
 
@@ -844,16 +853,7 @@ def test_damage_anywhere_never_yields_different_arrays(offset, mask, cut):
 def test_pure_dict_round_trip_with_keys_and_namedtuples(folder):
     state = make_state()
     pure = to_pure_dict(state)
-    assert sorted(pure) == sorted(
-        [
-            "['bn']['mean']",
-            "['bn']['var']",
-            "['rng']",
-            "['stats'].mean",
-            "['stats'].var",
-            "['step']",
-        ]
-    )
+    assert sorted(pure) == MADE_PATHS
     assert pure["['rng']"].dtype == jnp.uint32  # key data
     assert_same_state(from_pure_dict(pure, like=state), state)
     # Through np.savez / np.load (bfloat16 aside: numpy has no such dtype).
@@ -933,14 +933,7 @@ def test_summary_lists_every_leaf_with_totals():
     lines = text.splitlines()
     assert lines[0].split() == ["path", "shape", "dtype", "bytes"]
     paths = [line.split()[0] for line in lines[1:-1]]
-    assert paths == [
-        "['bn']['mean']",
-        "['bn']['var']",
-        "['rng']",
-        "['stats'].mean",
-        "['stats'].var",
-        "['step']",
-    ]
+    assert paths == MADE_PATHS
     expected = 12 + 12 + 8 + 4 + 8 + 4
     assert text.total_bytes == expected
     assert lines[-1] == f"6 arrays, {expected} bytes ({expected} B)"
