@@ -202,26 +202,33 @@ def row(
     unit: str = "us",
     note: str = "",
     judged: bool = True,
+    higher: bool = False,
 ) -> dict[str, Any]:
     """One result row; ``ratio`` defaults to ``lift / baseline``.
 
     ``target`` ``None`` marks an anchor (another library), which has no pass/fail;
     ``judged=False`` shows a measure beside its target without judging it (the target
     is judged on another row: an instruction count beside the time it cross-checks).
+    ``higher=True`` marks a ratio where higher is better (a throughput): it passes at
+    or above its target.
     """
     if ratio is None:
         ratio = lift / baseline
-    return {
+    ok = target is not None and (ratio >= target if higher else ratio <= target)
+    out = {
         "name": name,
         "lift": lift,
         "baseline": baseline,
         "ratio": ratio,
         "target": target,
-        "pass": None if target is None or not judged else bool(ratio <= target),
+        "pass": None if target is None or not judged else bool(ok),
         "judged": target is not None and judged,
         "unit": unit,
         "note": note,
     }
+    if higher:
+        out["higher"] = True
+    return out
 
 
 def compared_row(
@@ -337,7 +344,8 @@ def format_table(rows: Sequence[dict[str, Any]], *, markdown: bool = False) -> s
         if r["target"] is None:
             target = "anchor"
         else:
-            target = f"<= {r['target']:g}" + ("" if r.get("judged", True) else " *")
+            sign = ">=" if r.get("higher") else "<="
+            target = f"{sign} {r['target']:g}" + ("" if r.get("judged", True) else " *")
         lines.append(
             [
                 r["name"],

@@ -1,0 +1,369 @@
+"""End-to-end training throughput: a small ResNet on the digits, in every library.
+
+The model: a 3x3 convolution (1 -> 16 channels) and BatchNorm, two residual blocks of
+two convolutions (16 -> 16) with BatchNorm each, global average pooling and a dense
+layer to 10 classes: 9,530 parameters and 160 BatchNorm statistics (running mean and
+variance of five BatchNorms, momentum 0.9, no learned scale or offset: Inox's
+BatchNorm has none, so none has). Softmax cross-entropy, ``optax.adam``, batches of 64
+of the 8x8 ``sklearn`` digits images, cycling through the data set.
+
+Every implementation starts from the same numbers (:func:`init_params`, copied into
+each library's own layers) and is the step its library's documentation would have a
+user write: the hand-written pure step (``jax.jit`` with its parameters, statistics
+and optimizer state donated, the statistics in a separate dict), lift
+(``lift.jit(lift.stateful(step), donate_state=True)``), Equinox, Flax NNX, Flax Linen,
+Haiku and Inox (in :mod:`benchmarks.e2e_libs`). Flax Linen, Flax NNX and Haiku compute
+the batch variance in one pass (E[x^2] - E[x]^2), which is cheaper than the two-pass
+formula; they are compared with a hand-written step that does the same.
+
+Measures: steps per second as a ratio to the matching hand-written step (higher is
+better), all implementations timed in the same interleaved rounds, with an A/A row;
+and the time of the first call (trace, compile, run) as a ratio to the hand-written
+step's, each implementation built anew each round.
+
+Run alone with ``python -m benchmarks.e2e``.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import lift
+
+from ._timing import bootstrap_median, compare, print_rows, quick, row, skipped_row
+
+__all__ = [
+    "TARGET",
+    "Trainer",
+    "batches",
+    "build_hand",
+    "build_lift",
+    "forward",
+    "init_params",
+    "main",
+]
+
+CHANNELS = 16
+BLOCKS = 2
+BATCH = 64
+LR = 3e-3
+MOMENTUM = 0.9
+EPS = 1e-5
+TARGET = 0.98  # lift's throughput >= 0.98 x the hand-written step's
+ROUNDS, NUMBER = 30, 20
+COMPILE_ROUNDS = 3
+OPTIMIZER = optax.adam(LR)
+BN_NAMES = ("stem", *(f"block{b}.conv{c}" for b in range(BLOCKS) for c in (1, 2)))
+
+
+def batches(batch: int | None = None, layout: str = "NHWC") -> list[tuple[Any, Any]]:
+    """The digits in batches (default ``BATCH``), the last partial batch dropped."""
+    from sklearn.datasets import load_digits
+
+    batch = BATCH if batch is None else batch
+
+    digits = load_digits()
+    images = (digits.images / 16.0).astype(np.float32)[..., None]
+    if layout == "NCHW":
+        images = images.transpose(0, 3, 1, 2)
+    labels = digits.target.astype(np.int32)
+    return [
+        (jnp.asarray(images[i : i + batch]), jnp.asarray(labels[i : i + batch]))
+        for i in range(0, len(labels) - batch + 1, batch)
+    ]
+
+
+def init_params(seed: int = 0) -> dict[str, Any]:
+    """The initial weights every implementation copies: HWIO kernels, He-normal."""
+    keys = iter(jax.random.split(jax.random.key(seed), 2 + 2 * BLOCKS))
+
+    def kernel(cin: int) -> jax.Array:
+        shape = (3, 3, cin, CHANNELS)
+        return jax.random.normal(next(keys), shape) * (2 / (9 * cin)) ** 0.5
+
+    params: dict[str, Any] = {"stem": {"kernel": kernel(1)}}
+    for b in range(BLOCKS):
+        params[f"block{b}"] = {
+            c: {"kernel": kernel(CHANNELS)} for c in ("conv1", "conv2")
+        }
+    w = jax.random.normal(next(keys), (CHANNELS, 10)) / CHANNELS**0.5
+    params["head"] = {"w": w, "b": jnp.zeros(10)}
+    return params
+
+
+def conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    """A 3x3 'SAME' convolution, NHWC input, HWIO kernel."""
+    return jax.lax.conv_general_dilated(
+        x, kernel, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
+    )
+
+
+def moments(h: jax.Array, onepass: bool) -> tuple[jax.Array, jax.Array]:
+    """Batch mean and (biased) variance per channel, in two passes or in one."""
+    mean = h.mean((0, 1, 2))
+    if onepass:
+        return mean, jnp.maximum(0.0, jnp.square(h).mean((0, 1, 2)) - jnp.square(mean))
+    return mean, jnp.square(h - mean[None, None, None]).mean((0, 1, 2))
+
+
+def normalise(h: jax.Array, mean: jax.Array, var: jax.Array) -> jax.Array:
+    """BatchNorm's normalisation with the batch statistics."""
+    return (h - mean[None, None, None]) * jax.lax.rsqrt(var + EPS)[None, None, None]
+
+
+def running(old: jax.Array, new: jax.Array) -> jax.Array:
+    """The running-statistic update."""
+    return MOMENTUM * old + (1 - MOMENTUM) * new
+
+
+BatchNorm = Callable[[str, dict[str, Any], jax.Array], jax.Array]
+
+
+def forward(model: dict[str, Any], x: jax.Array, bn: BatchNorm) -> jax.Array:
+    """The ResNet's logits; ``bn(name, layer, h)`` is the BatchNorm after each conv."""
+
+    def conv_bn(name: str, layer: dict[str, Any], h: jax.Array) -> jax.Array:
+        return bn(name, layer, conv(h, layer["kernel"]))
+
+    h = jax.nn.relu(conv_bn("stem", model["stem"], x))
+    for b in range(BLOCKS):
+        block = model[f"block{b}"]
+        r = jax.nn.relu(conv_bn(f"block{b}.conv1", block["conv1"], h))
+        h = jax.nn.relu(conv_bn(f"block{b}.conv2", block["conv2"], r) + h)
+    head = model["head"]
+    return h.mean((1, 2)) @ head["w"] + head["b"][None]
+
+
+def xent(logits: jax.Array, labels: jax.Array) -> jax.Array:
+    """Mean softmax cross-entropy."""
+    return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+
+def initial_stats() -> dict[str, jax.Array]:
+    """The hand-written step's statistics: a flat dict, ``"<layer>.mean"`` keys."""
+    stats = {}
+    for name in BN_NAMES:
+        stats[f"{name}.mean"] = jnp.zeros(CHANNELS)
+        stats[f"{name}.var"] = jnp.ones(CHANNELS)
+    return stats
+
+
+def hand_step(onepass: bool) -> Callable[..., Any]:
+    """The hand-written pure step ``(params, stats, opt_state, x, y)``."""
+
+    def step(params: Any, stats: Any, opt_state: Any, x: Any, y: Any) -> Any:
+        def loss(params: Any) -> tuple[jax.Array, dict[str, jax.Array]]:
+            new = {}
+
+            def bn(name: str, layer: dict[str, Any], h: jax.Array) -> jax.Array:
+                m, v = moments(h, onepass)
+                new[f"{name}.mean"] = running(stats[f"{name}.mean"], m)
+                new[f"{name}.var"] = running(stats[f"{name}.var"], v)
+                return normalise(h, m, v)
+
+            return xent(forward(params, x, bn), y), new
+
+        (value, new), grads = jax.value_and_grad(loss, has_aux=True)(params)
+        updates, opt_state = OPTIMIZER.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), new, opt_state, value
+
+    return step
+
+
+class Trainer:
+    """One implementation's training loop: each call runs one step on the next batch.
+
+    ``step(*carry, x, y)`` is the compiled step and ``split(carry, out)`` gives the
+    next carry and the loss; the carry is replaced after each call, so that donated
+    buffers are never reused.
+    """
+
+    def __init__(
+        self,
+        step: Callable[..., Any],
+        carry: tuple[Any, ...],
+        split: Callable[[tuple[Any, ...], Any], tuple[tuple[Any, ...], Any]],
+        data: list[tuple[Any, Any]],
+    ) -> None:
+        self.step, self.carry, self.split, self.data = step, carry, split, data
+        self.calls = 0
+
+    def __call__(self) -> Any:
+        x, y = self.data[self.calls % len(self.data)]
+        self.calls += 1
+        out = self.step(*self.carry, x, y)
+        self.carry, loss = self.split(self.carry, out)
+        return loss
+
+
+def build_hand(
+    onepass: bool = False, *, donate: tuple[int, ...] = (0, 1, 2)
+) -> Trainer:
+    """The hand-written step under ``jax.jit`` (compiled anew for each trainer)."""
+    params = init_params()
+    step = jax.jit(hand_step(onepass), donate_argnums=donate)
+    carry = (params, initial_stats(), OPTIMIZER.init(params))
+    return Trainer(step, carry, lambda _, out: (out[:3], out[3]), batches())
+
+
+def lift_model() -> tuple[dict[str, Any], dict[Any, jax.Array]]:
+    """:func:`init_params` with each conv layer holding its two statistics as state."""
+    tree = init_params()
+    for name in BN_NAMES:
+        layer = tree
+        for part in name.split("."):
+            layer = layer[part]
+        layer["mean"] = lift.StateEntry(jnp.zeros(CHANNELS))
+        layer["var"] = lift.StateEntry(jnp.ones(CHANNELS))
+    return lift.export_state(tree)
+
+
+def lift_step(model: dict[str, Any], opt_state: Any, x: Any, y: Any) -> Any:
+    """The implicit step: BatchNorm reads and writes its statistics in place."""
+
+    def loss(model: dict[str, Any]) -> jax.Array:
+        def bn(name: str, layer: dict[str, Any], h: jax.Array) -> jax.Array:
+            m, v = moments(h, onepass=False)
+            lift.set(layer["mean"], running(lift.get(layer["mean"]), m))
+            lift.set(layer["var"], running(lift.get(layer["var"]), v))
+            return normalise(h, m, v)
+
+        return xent(forward(model, x, bn), y)
+
+    value, grads = lift.value_and_grad(loss)(model)
+    updates, opt_state = OPTIMIZER.update(grads, opt_state, model)
+    return optax.apply_updates(model, updates), opt_state, value
+
+
+def lift_jit_options() -> dict[str, Any]:
+    """``lift.jit`` options: the state donated, and parameters when lift allows it."""
+    try:
+        lift.jit(lambda: None, donate_argnums=(0, 1))
+    except (TypeError, ValueError):  # this lift refuses donate_argnums
+        return {"donate_state": True}
+    return {"donate_state": True, "donate_argnums": (0, 1)}
+
+
+def build_lift() -> Trainer:
+    """``lift.jit(lift.stateful(lift_step))``: state first, then model and optimizer."""
+    model, state = lift_model()
+    step = lift.jit(lift.stateful(lift_step), **lift_jit_options())
+
+    def split(_: Any, out: Any) -> tuple[tuple[Any, ...], Any]:
+        (model, opt_state, value), state = out
+        return (state, model, opt_state), value
+
+    return Trainer(step, (state, model, OPTIMIZER.init(model)), split, batches())
+
+
+def builders() -> dict[str, tuple[str | None, bool, Callable[[], Trainer]]]:
+    """Name -> (module it needs, one-pass variance, builder), baselines first."""
+    from . import e2e_libs
+
+    out: dict[str, tuple[str | None, bool, Callable[[], Trainer]]] = {
+        "hand": (None, False, build_hand),
+        "hand one-pass": (None, True, lambda: build_hand(True)),
+        "hand copy": (None, False, build_hand),
+        "hand, statistics donated": (None, False, lambda: build_hand(donate=(1,))),
+        "lift.jit": (None, False, build_lift),
+    }
+    for name, (module, onepass, build) in e2e_libs.BUILDERS.items():
+        out[name] = (module, onepass, build)
+    return out
+
+
+def _available(module: str | None) -> bool:
+    if module is None:
+        return True
+    try:
+        __import__(module)
+    except ImportError:
+        return False
+    return True
+
+
+def _compile_times(
+    build: dict[str, Callable[[], Trainer]], rounds: int
+) -> dict[str, float]:
+    """Median seconds of each implementation's first call, built anew each round."""
+    seconds: dict[str, list[float]] = {name: [] for name in build}
+    for name in build:  # one untimed build: the caches JAX shares between functions
+        jax.block_until_ready(build[name]())
+    for r in range(rounds):
+        for name in list(build)[:: 1 if r % 2 == 0 else -1]:
+            trainer = build[name]()
+            start = time.perf_counter()
+            jax.block_until_ready(trainer())
+            seconds[name].append(time.perf_counter() - start)
+    return {name: statistics.median(s) for name, s in seconds.items()}
+
+
+def main(quick_run: bool | None = None) -> list[dict[str, Any]]:
+    """Time every implementation's training step; throughput rows, then compile rows."""
+    q = quick() if quick_run is None else quick_run
+    rows: list[dict[str, Any]] = []
+    build = {}
+    onepass = {}
+    for name, (module, one, builder) in builders().items():
+        if _available(module):
+            build[name], onepass[name] = builder, one
+        else:
+            rows.append(skipped_row(f"e2e throughput, {name}", f"no {module}"))
+    rounds, number = (3, 5) if q else (ROUNDS, NUMBER)
+    timing = compare(
+        {name: b() for name, b in build.items()}, rounds=rounds, number=number, warmup=3
+    )
+    out = []
+    for name in build:
+        if name == "hand":
+            continue
+        base = "hand one-pass" if onepass[name] and name != "hand one-pass" else "hand"
+        # Throughput ratio per round: the baseline's time over the implementation's.
+        ratios = [1 / r for r in timing.ratios(name, base)]
+        low, high = bootstrap_median(ratios)
+        is_lift = name == "lift.jit"
+        r = row(
+            f"e2e throughput, {name}",
+            timing.median(name),
+            timing.median(base),
+            TARGET if is_lift else None,
+            ratio=statistics.median(ratios),
+            unit="us",
+            note=f"vs {'one' if onepass[name] else 'two'}-pass hand-written; "
+            f"95% CI {low:.3f}-{high:.3f} over {rounds} rounds",
+            higher=True,
+        )
+        r["low"], r["high"] = low, high
+        r["onepass"] = onepass[name]
+        out.append(r)
+    rows = out + rows
+    compile_s = _compile_times(
+        {
+            n: b
+            for n, b in build.items()
+            if n not in ("hand copy", "hand, statistics donated")
+        },
+        1 if q else COMPILE_ROUNDS,
+    )
+    for name, s in compile_s.items():
+        if name.startswith("hand"):
+            continue
+        base = "hand one-pass" if onepass[name] else "hand"
+        rows.append(
+            row(
+                f"e2e first step (compile), {name}", s, compile_s[base], None, unit="us"
+            )
+        )
+    return rows
+
+
+if __name__ == "__main__":
+    print_rows(main())
