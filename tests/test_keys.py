@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import pickle
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -16,7 +18,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lift import StateEntry, StateKey, export_state
+import lift
+from lift import StateEntry, StateKey, export_state, filter_state
+from lift._keys import dotted, matches
 from tests.corpus import (
     CORPUS,
     ROUND_TRIP,
@@ -332,3 +336,158 @@ def test_import_lift_imports_neither_lift_testing_nor_hypothesis():
         timeout=300,
     )
     assert done.returncode == 0, done.stderr
+
+
+# ------------------------------------------------------------ the pattern language
+
+# Segments with every character the language gives a meaning to, or might be read as.
+_TEXT = st.text(alphabet=st.sampled_from("ab.*?'\"[]\\ 0é\n"), max_size=4)
+_SEGMENT = st.one_of(
+    _TEXT.map(jax.tree_util.DictKey),
+    st.integers(0, 12).map(jax.tree_util.SequenceKey),
+    st.sampled_from(["a", "b", "ab", "step"]).map(jax.tree_util.GetAttrKey),
+)
+_PATH = st.lists(_SEGMENT, min_size=1, max_size=4).map(tuple)
+_PATTERN = st.text(alphabet=st.sampled_from("ab.*?'\" 0é\n"), max_size=7)
+
+
+def _segment_text(part: Any) -> str:
+    for field in ("key", "idx", "name"):
+        if hasattr(part, field):
+            return str(getattr(part, field))
+    raise AssertionError(part)
+
+
+def _reference_dotted(path: tuple) -> str:
+    return ".".join(_segment_text(p) for p in path)
+
+
+def _glob(pattern: str, text: str) -> bool:
+    """``*`` matches any run of characters; everything else matches itself."""
+
+    @functools.cache
+    def match(i: int, j: int) -> bool:
+        if i == len(pattern):
+            return j == len(text)
+        if pattern[i] == "*":
+            return match(i + 1, j) or (j < len(text) and match(i, j + 1))
+        return j < len(text) and pattern[i] == text[j] and match(i + 1, j + 1)
+
+    return match(0, 0)
+
+
+def _reference(path: tuple, pattern: str) -> bool:
+    """The documented language, written out: a leading dot is optional."""
+    if not pattern.startswith((".", "*")):
+        pattern = "." + pattern
+    return _glob(pattern, "." + _reference_dotted(path))
+
+
+def _state_of(paths: list[tuple]) -> dict:
+    return {StateKey(jax.tree_util.keystr(p)): p for p in paths}
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(_PATH, min_size=1, max_size=6), _PATTERN)
+def test_property_glob_selects_what_the_reference_matcher_selects(paths, pattern):
+    state = _state_of(paths)
+    expected = {k for k, path in state.items() if _reference(path, pattern)}
+    assert set(filter_state(state, pattern)) == expected
+
+
+@settings(max_examples=200, deadline=None)
+@given(_PATH, _PATTERN)
+def test_property_a_pattern_never_matches_outside_its_literal_prefix(path, pattern):
+    key = StateKey(jax.tree_util.keystr(path))
+    if matches(key, pattern):
+        literal = pattern if pattern.startswith((".", "*")) else "." + pattern
+        assert ("." + dotted(key)).startswith(literal.split("*")[0])
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(_PATH, min_size=1, max_size=6))
+def test_property_the_printed_form_of_a_key_selects_exactly_that_key(paths):
+    state = _state_of(paths)
+    for key in state:
+        if "[" in key:  # a printed form with `[` is literal, whatever it holds
+            assert list(filter_state(state, str(key))) == [key]
+        assert list(filter_state(state, key)) == [key]  # a StateKey always is
+
+
+@settings(max_examples=100, deadline=None)
+@given(_PATH)
+def test_property_dotted_form_is_the_segments_joined(path):
+    assert dotted(jax.tree_util.keystr(path)) == _reference_dotted(path)
+
+
+def _odd_state() -> dict:
+    names = ["bn", "norm", "b", "c.d", "..", "", "*", "c"]
+    tree = {name: {"mean": StateEntry(jnp.zeros(1))} for name in names}
+    tree["c"]["d"] = StateEntry(jnp.zeros(1))
+    tree["b"] = StateEntry(jnp.zeros(1))
+    return export_state(tree)[1]
+
+
+def test_printed_form_with_a_glob_is_refused_showing_the_dotted_pattern():
+    # fnmatch read `['bn']` as a character class and selected `['norm']['mean']`
+    # and `['b']`: now refused, with the pattern to write instead.
+    state = _odd_state()
+    with pytest.raises(lift.LiftValueError) as info:
+        filter_state(state, "['bn']*")
+    message = str(info.value)
+    assert "\"['bn']*\"" in message
+    assert "'bn*'" in message
+    assert isinstance(info.value, ValueError)
+
+
+@pytest.mark.parametrize("op", ["filter", "partition", "load"])
+def test_every_filter_user_refuses_a_bracket_glob(op, tmp_path):
+    state = _odd_state()
+    lift.save_state(tmp_path / "s", state)
+    call = {
+        "filter": lambda: filter_state(state, "['bn']*"),
+        "partition": lambda: lift.partition_state(state, "['bn']*"),
+        "load": lambda: lift.load_state(tmp_path / "s", filters="['bn']*"),
+    }[op]
+    with pytest.raises(lift.LiftValueError, match=r"'bn\*'"):
+        call()
+
+
+def test_printed_form_naming_no_key_of_the_state_is_refused():
+    state = _odd_state()
+    for call in (
+        lambda: filter_state(state, "['bm']['mean']"),
+        lambda: lift.partition_state(state, "['bm']['mean']"),
+    ):
+        with pytest.raises(lift.LiftValueError, match=r"'bm\.mean'"):
+            call()
+
+
+def test_printed_form_matches_only_its_key():
+    state = _odd_state()
+    assert list(filter_state(state, "['c.d']['mean']")) == ["['c.d']['mean']"]
+    assert list(filter_state(state, "['*']['mean']")) == ["['*']['mean']"]
+    assert list(filter_state(state, "['']['mean']")) == ["['']['mean']"]
+    assert list(filter_state(state, "['b']")) == ["['b']"]
+
+
+def test_dotted_patterns_treat_every_other_character_literally():
+    state = _odd_state()
+    assert sorted(filter_state(state, "bn.*")) == ["['bn']['mean']"]
+    assert sorted(filter_state(state, "b*")) == ["['b']", "['bn']['mean']"]
+    # A dot inside a segment reads as a separator: both keys are `c.d.mean`-like.
+    assert sorted(filter_state(state, "c.d*")) == ["['c']['d']", "['c.d']['mean']"]
+    assert list(filter_state(state, "?")) == []  # not a wildcard
+    assert len(filter_state(state, "*")) == len(state)
+
+
+def test_glob_results_are_the_same_through_vmap_state_axes():
+    # `state_axes` resolves filters with the same matcher: a bracket glob is refused.
+    tree, state = export_state({"bn": StateEntry(jnp.zeros(3)), "n": StateEntry(0.0)})
+
+    def body(t, x):
+        lift.set(t["bn"], lift.get(t["bn"]) + x)
+
+    f = lift.stateful(lambda t, xs: lift.vmap(body, state_axes={"['bn']*": 0})(t, xs))
+    with pytest.raises(lift.LiftValueError, match=r"'bn\*'"):
+        f(state, tree, jnp.ones((2, 3)))
