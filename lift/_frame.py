@@ -28,7 +28,7 @@ from ._errors import (
 )
 from ._export import State, check_value
 from ._keys import StateEntry, StateKey
-from ._tracing import TRACE_CTX, dead_tracer, foreign_kind, in_trace
+from ._tracing import TRACE, dead_tracer, foreign_kind, in_trace
 
 __all__ = ["Frame", "current_frame", "get", "is_pure", "lower", "set", "stateful"]
 
@@ -65,7 +65,7 @@ class Frame:
             "state is read-only. Use `mutable=True` to update state."
         )
         self.name = name
-        self.trace: Any = TRACE_CTX.trace
+        self.trace: Any = TRACE.value
         # key -> [tree of references, written?], made on first use in another trace.
         self.refs: dict[Any, list[Any]] | None = None
 
@@ -88,7 +88,7 @@ class Frame:
         )
 
     def read(self, key: Any) -> Any:
-        if self.refs is None and TRACE_CTX.trace is self.trace:
+        if self.refs is None and TRACE.value is self.trace:
             try:
                 return self.state[key]
             except (KeyError, TypeError):
@@ -102,7 +102,7 @@ class Frame:
             value = self.state[key]
         except (KeyError, TypeError):
             raise self._missing(key, "get") from None
-        if TRACE_CTX.trace is self.trace:
+        if TRACE.value is self.trace:
             self._settle(key)
             return self.state[key]
         if not self.mutable:  # nothing can change: the value is a constant
@@ -140,12 +140,12 @@ class Frame:
 
     def store(self, key: Any, value: Any) -> None:
         """An unchecked write of a value already known to fit."""
-        if self.refs is None and TRACE_CTX.trace is self.trace:
+        if self.refs is None and TRACE.value is self.trace:
             self.state[key] = value
             return
         if self.trace is None:
             raise self._closed(key, "set")
-        if TRACE_CTX.trace is self.trace:
+        if TRACE.value is self.trace:
             self._settle(key, keep=False)
             self.state[key] = value
             return
@@ -184,11 +184,11 @@ class Frame:
 
     def snapshot(self) -> State:
         """The current values of all keys, as a new dict."""
-        if self.refs is None and TRACE_CTX.trace is self.trace:
+        if self.refs is None and TRACE.value is self.trace:
             return dict(self.state)
         if self.trace is None:
             raise self._closed(next(iter(self.state), "..."), "get")
-        if TRACE_CTX.trace is self.trace:
+        if TRACE.value is self.trace:
             for key in list(self.refs or ()):
                 self._settle(key)
             return dict(self.state)
@@ -202,7 +202,7 @@ class Frame:
     def update(self, new: Mapping[Any, Any], *, check: bool) -> None:
         """Write many values (the results of a lifted transform or a lowered call)."""
         if not check:
-            if self.refs is None and TRACE_CTX.trace is self.trace:
+            if self.refs is None and TRACE.value is self.trace:
                 self.state.update(new)
                 return
             if not self.mutable and self.trace is not None:
@@ -249,12 +249,19 @@ def _foreign_write(key: Any, err: Exception) -> TraceError:
             "`state_axes=` for per-example state, or with `axis_name=` and "
             "`lax.pmean` (averaging over the batch) for shared state."
         )
+    if "differentiated" in str(err):
+        return TraceError(
+            f"`lift.set({key!r}, ...)` got a value differentiated by a raw `jax.grad` "
+            "(or `jax.jvp`, `jax.vjp`) around the `set`: state is never "
+            "differentiated, and this frame's state lives outside that transform. "
+            "Use `lift.grad`/`lift.value_and_grad`, which thread state as auxiliary "
+            "output, or store `lax.stop_gradient(value)`."
+        )
     return TraceError(
-        f"`lift.set({key!r}, ...)` got a value that the state cannot take in this JAX "
-        f"transform (JAX said: {str(err).splitlines()[0]}). The frame's state is not "
-        "differentiated or batched by raw `jax.grad`/`jax.vmap` around the `set`: use "
-        "lift's transforms (`lift.grad`, `lift.vmap`, ...) so the state flows through "
-        "them."
+        f"`lift.set({key!r}, ...)` got a value that this frame's state cannot take "
+        f"inside a JAX transform lift does not own ({type(err).__name__}: "
+        f"{str(err).split('. ')[0]}). Use lift's transform in its place (`lift.vmap`, "
+        "`lift.grad`, `lift.checkpoint`, ...), so the state flows through it."
     )
 
 
@@ -262,8 +269,9 @@ def _unthreadable(key: Any, what: str, kind: str) -> TraceError:
     call = f"`lift.{what}({key!r}{', ...' if what == 'set' else ''})`"
     if kind == "checkpoint":
         return TraceError(
-            f"{call} inside a raw `jax.checkpoint` under differentiation: JAX cannot "
-            "rematerialise state written there. Use `lift.checkpoint` instead of "
+            f"{call} inside a raw `jax.checkpoint` under differentiation: JAX would "
+            "replay the state's writes when it recomputes the checkpoint, or cannot "
+            "differentiate it at all. Use `lift.checkpoint` instead of "
             "`jax.checkpoint`; it threads the state through the checkpoint."
         )
     return TraceError(
@@ -326,6 +334,18 @@ def get(key: StateKey | str) -> Any:
         >>> lift.stateful(lambda: lift.get(tree["count"]) + 1)(state)[0]
         Array(1., dtype=float32)
     """
+    frame = _FRAME.get()
+    # The common case inline: a key, in the trace the frame was made in, no references.
+    if (
+        frame is not None
+        and type(key) is StateKey
+        and frame.refs is None
+        and TRACE.value is frame.trace
+    ):
+        try:
+            return frame.state[key]
+        except KeyError:
+            pass
     if type(key) is not StateKey:
         _check_key(key, "get")
     return _frame_or_raise("get", key).read(key)

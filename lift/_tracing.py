@@ -16,7 +16,7 @@ from jax._src.interpreters import ad as _ad
 from jax.extend.core import get_opaque_trace_state
 
 __all__ = [
-    "TRACE_CTX",
+    "TRACE",
     "batched_here",
     "dead_tracer",
     "foreign_kind",
@@ -26,9 +26,10 @@ __all__ = [
     "with_cache_miss",
 ]
 
-# `TRACE_CTX.trace` is the trace JAX is running now (the eager one at top level); a
-# frame keeps the one it was made in and compares by identity: one attribute read.
-TRACE_CTX = _core.trace_ctx
+# `TRACE.value` is the trace JAX is running now (the eager one at top level), what
+# `jax._src.core.trace_ctx.trace` returns without its Python property: a frame keeps
+# the one it was made in and compares by identity, one C attribute read per get.
+TRACE = _core.trace_state_strong_ref
 in_trace = _core.set_current_trace
 
 try:
@@ -103,19 +104,23 @@ def foreign_kind(trace: Any) -> str | None:
 
     ``None`` when array references made in ``trace`` can thread state through the
     running trace (a loop, ``jit`` or ``vmap`` nested in it). ``"detached"`` when the
-    running trace is not nested in ``trace`` at all: JAX traces the function apart
-    (``jax.custom_jvp``/``custom_vjp``) and a reference would leak out of it.
+    running trace is not nested in ``trace`` at all, or is the function of a
+    ``jax.custom_jvp``/``custom_vjp``, which JAX traces apart: a reference would leak
+    out of it, or JAX cannot discharge it.
     ``"checkpoint"`` when a ``jax.checkpoint`` lies between them under differentiation,
     which JAX 0.10.2 cannot transpose with a reference in it.
     """
-    current = TRACE_CTX.trace
+    current = TRACE.value
     remat = False
     while current is not None and current is not trace:
         if remat and isinstance(current, _AD_TRACES):
             return "checkpoint"
         frame = getattr(current, "frame", None)
         info = getattr(frame, "debug_info", None)
-        if str(getattr(info, "traced_for", "")).startswith("checkpoint"):
+        traced_for = str(getattr(info, "traced_for", ""))
+        if traced_for.startswith(("custom_jvp", "custom_vjp")):
+            return "detached"
+        if traced_for.startswith("checkpoint"):
             remat = True
         current = getattr(current, "parent_trace", None)
     if current is None:

@@ -2,7 +2,8 @@
 
 A solver you do not control calls ``jax.lax.scan``/``while_loop``/``fori_loop``
 itself; state read and written in its callbacks must thread exactly as with lift's
-own loops (through JAX array references), eager and under ``lift.jit``.
+own loops (through JAX array references), eager and under ``lift.jit``, and the
+user's Python body runs once per call.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from jax import lax
 
 import lift
@@ -228,6 +231,14 @@ def test_raw_vmap_writing_batched_state_raises_trace_error(model):
     msg = str(info.value)
     assert "['acc']" in msg
     assert "lift.vmap" in msg
+    assert "state_axes=" in msg
+    assert "axis_name=" in msg
+    assert "lax.pmean" in msg
+    # only what a lift user can do: no JAX hint about moving references, and no
+    # advice against raw lax.scan, which works
+    assert "Move the array reference" not in msg
+    assert "lax.scan" not in msg
+    assert "reference" not in msg
 
 
 def test_raw_vmap_writing_batched_state_raises_under_jit(model):
@@ -250,3 +261,288 @@ def test_raw_vmap_reading_state(model):
     )(state, XS)
     np.testing.assert_allclose(out, XS * [1.0, 2.0, 3.0])
     assert new[tree["acc"]] is state[tree["acc"]]
+
+
+# ------------------------------------------------------------ user code runs once
+
+
+@pytest.mark.parametrize("jitted", [False, True], ids=["eager", "jit"])
+def test_next_batch_before_a_raw_loop_is_consumed_once(model, jitted):
+    tree, state = model
+    batches = [np.full(3, i, np.float32) for i in range(1, 5)]
+    data = iter(batches)
+    runs = []
+
+    def step():
+        runs.append(None)
+        batch = next(data)
+
+        def body(c, _):
+            lift.set(tree["acc"], lift.get(tree["acc"]) + batch)
+            lift.set(tree["n"], lift.get(tree["n"]) + 1)
+            return c, None
+
+        lax.scan(body, 0.0, None, length=2)
+        return batch
+
+    f = lift.stateful(step)
+    if jitted:
+        f = lift.jit(f)
+    out, new = f(state)
+    np.testing.assert_array_equal(out, batches[0])  # the first batch, not the second
+    assert len(runs) == 1
+    assert next(data) is batches[1]  # exactly one batch was consumed
+    np.testing.assert_array_equal(new[tree["acc"]], 2 * batches[0])
+    assert int(new[tree["n"]]) == 2
+
+
+@pytest.mark.parametrize("loop", ["scan", "while_loop", "fori_loop"])
+def test_python_body_runs_once_per_eager_call(model, loop):
+    tree, state = model
+    calls = []
+
+    def step():
+        calls.append(None)
+
+        def bump():
+            lift.set(tree["n"], lift.get(tree["n"]) + 1)
+
+        if loop == "scan":
+            lax.scan(lambda c, _: (bump(), (c, None))[1], 0, None, length=3)
+        elif loop == "while_loop":
+            lax.while_loop(lambda i: i < 3, lambda i: (bump(), i + 1)[1], 0)
+        else:
+            lax.fori_loop(0, 3, lambda i, c: (bump(), c)[1], 0)
+
+    f = lift.stateful(step)
+    for call in range(1, 4):
+        _, state = f(state)
+        assert len(calls) == call
+        assert int(state[tree["n"]]) == 3 * call
+
+
+def test_no_lift_base_exception_is_left():
+    import lift._frame as frame_module
+
+    internal = [
+        name
+        for name, obj in vars(frame_module).items()
+        if isinstance(obj, type)
+        and issubclass(obj, BaseException)
+        and not issubclass(obj, Exception)
+    ]
+    assert internal == []
+
+
+def nested_solver(tree, loops, xs):
+    """A raw loop inside a raw loop, both writing state."""
+
+    def inner(c, x):
+        lift.set(tree["acc"], lift.get(tree["acc"]) + x)
+        return c + 1, None
+
+    def outer(c, x):
+        c, _ = loops.scan(inner, c, xs)
+        lift.set(tree["n"], lift.get(tree["n"]) + c)
+        return c, lift.get(tree["n"])
+
+    return loops.scan(outer, jnp.int32(0), xs)
+
+
+@pytest.mark.parametrize("jitted", [False, True], ids=["eager", "jit"])
+def test_nested_raw_loops_match_lifted(model, jitted):
+    tree, state = model
+
+    def run(loops):
+        f = lift.stateful(lambda xs: nested_solver(tree, loops, xs))
+        return (lift.jit(f) if jitted else f)(state, XS)
+
+    raw_out, raw = run(RAW)
+    lifted_out, lifted = run(LIFTED)
+    jax.tree_util.tree_map(np.testing.assert_array_equal, raw_out, lifted_out)
+    np.testing.assert_allclose(raw[tree["acc"]], lifted[tree["acc"]], rtol=1e-6)
+    np.testing.assert_allclose(raw[tree["acc"]], 4 * XS.sum(0), rtol=1e-6)
+    assert int(raw[tree["n"]]) == int(lifted[tree["n"]]) == 4 + 8 + 12 + 16
+
+
+@pytest.mark.parametrize("jitted", [False, True], ids=["eager", "jit"])
+def test_raw_jax_jit_inside_a_frame_threads_state(model, jitted):
+    tree, state = model
+
+    def step(xs):
+        @jax.jit
+        def inner(x):
+            lift.set(tree["acc"], lift.get(tree["acc"]) + x)
+            return jnp.sum(lift.get(tree["acc"]))
+
+        first = inner(xs[0])
+        second = lax.scan(lambda c, x: (c + inner(x), None), 0.0, xs[1:])[0]
+        return first, second
+
+    f = lift.stateful(step)
+    (first, second), new = (lift.jit(f) if jitted else f)(state, XS)
+    np.testing.assert_allclose(first, XS[0].sum(), rtol=1e-6)
+    expected = sum(XS[: i + 1].sum() for i in range(1, 4))
+    np.testing.assert_allclose(second, expected, rtol=1e-6)
+    np.testing.assert_allclose(new[tree["acc"]], XS.sum(0), rtol=1e-6)
+
+
+@pytest.mark.parametrize("jitted", [False, True], ids=["eager", "jit"])
+def test_raw_grad_inside_a_frame_threads_undifferentiated_state(model, jitted):
+    tree, state = model
+
+    def loss(w):
+        lift.set(tree["n"], lift.get(tree["n"]) + 1)  # a counter: not differentiated
+        return jnp.sum(w**2)
+
+    f = lift.stateful(lambda w: jax.grad(loss)(w))
+    g, new = (lift.jit(f) if jitted else f)(state, jnp.arange(3.0))
+    np.testing.assert_allclose(g, 2 * np.arange(3.0))
+    assert int(new[tree["n"]]) == 1
+
+
+def test_raw_grad_writing_a_differentiated_value_names_the_key_and_the_fix(model):
+    tree, state = model
+
+    def loss(w):
+        lift.set(tree["acc"], w)
+        return jnp.sum(w**2)
+
+    with pytest.raises(lift.TraceError) as info:
+        lift.stateful(lambda w: jax.grad(loss)(w))(state, jnp.arange(3.0))
+    msg = str(info.value)
+    assert "['acc']" in msg
+    assert "lift.grad" in msg
+    assert "stop_gradient" in msg
+    assert "Move the array reference" not in msg
+
+    def fixed(w):  # the fix the message gives
+        lift.set(tree["acc"], lax.stop_gradient(w))
+        return jnp.sum(w**2)
+
+    g, new = lift.stateful(lambda w: jax.grad(fixed)(w))(state, jnp.arange(3.0))
+    np.testing.assert_allclose(g, 2 * np.arange(3.0))
+    np.testing.assert_array_equal(new[tree["acc"]], np.arange(3.0))
+
+
+@given(
+    lengths=st.lists(st.integers(0, 4), min_size=1, max_size=3),
+    start=st.integers(-5, 5),
+)
+def test_raw_loop_sequences_match_lifted(lengths, start):
+    tree, state = lift.export_state(
+        {"n": lift.StateEntry(jnp.asarray(start, jnp.int32))}
+    )
+
+    def solver(loops):
+        def body(c, _):
+            old = lift.get(tree["n"])
+            lift.set(tree["n"], old * 2 - c)
+            return c + 1, old
+
+        return [loops.scan(body, jnp.int32(1), None, length=n)[1] for n in lengths]
+
+    raw_ys, raw = lift.stateful(lambda: solver(RAW))(state)
+    lifted_ys, lifted = lift.stateful(lambda: solver(LIFTED))(state)
+    for a, b in zip(raw_ys, lifted_ys, strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert int(raw[tree["n"]]) == int(lifted[tree["n"]])
+    assert raw[tree["n"]].dtype == jnp.int32
+
+
+# ------------------------------------------------- checkpoint and custom_jvp in grad
+
+
+@pytest.mark.parametrize("jitted", [False, True], ids=["eager", "jit"])
+def test_raw_checkpoint_writing_state_under_lift_grad_names_lift_checkpoint(
+    model, jitted
+):
+    tree, state = model
+
+    def layer(x):
+        lift.set(tree["n"], lift.get(tree["n"]) + 1)
+        return jnp.sin(x)
+
+    f = lift.stateful(lift.grad(lambda x: jax.checkpoint(layer)(x)))
+    with pytest.raises(lift.TraceError) as info:
+        (lift.jit(f) if jitted else f)(state, jnp.float32(1.0))
+    msg = str(info.value)
+    assert "['n']" in msg
+    assert "lift.checkpoint" in msg
+
+
+@pytest.mark.parametrize("jitted", [False, True], ids=["eager", "jit"])
+def test_lift_checkpoint_writing_state_under_lift_grad_works(model, jitted):
+    tree, state = model
+
+    def layer(x):
+        lift.set(tree["n"], lift.get(tree["n"]) + 1)
+        return jnp.sin(x)
+
+    f = lift.stateful(lift.grad(lambda x: lift.checkpoint(layer)(x)))
+    g, new = (lift.jit(f) if jitted else f)(state, jnp.float32(1.0))
+    np.testing.assert_allclose(g, np.cos(1.0), rtol=1e-6)
+    assert int(new[tree["n"]]) == 1
+
+
+def test_raw_checkpoint_under_raw_grad_never_replays_writes(model):
+    # JAX would run the checkpointed writes twice (forward, then recompute): n == 2
+    tree, state = model
+
+    def layer(x):
+        lift.set(tree["n"], lift.get(tree["n"]) + 1)
+        return jnp.sin(x)
+
+    with pytest.raises(lift.TraceError, match=r"\['n'\].*lift\.checkpoint"):
+        lift.stateful(lambda x: jax.grad(jax.checkpoint(layer))(x))(state, 1.0)
+
+
+def _counting_sin(tree):
+    @jax.custom_jvp
+    def counting_sin(x):
+        lift.set(tree["n"], lift.get(tree["n"]) + 1)
+        return jnp.sin(x)
+
+    @counting_sin.defjvp
+    def _(primals, tangents):
+        return counting_sin(primals[0]), jnp.cos(primals[0]) * tangents[0]
+
+    return counting_sin
+
+
+@pytest.mark.parametrize("jitted", [False, True], ids=["eager", "jit"])
+def test_custom_jvp_writing_state_under_lift_grad_raises_trace_error(model, jitted):
+    tree, state = model
+    f = lift.stateful(lift.grad(_counting_sin(tree)))
+    with pytest.raises(lift.TraceError) as info:
+        (lift.jit(f) if jitted else f)(state, jnp.float32(1.0))
+    msg = str(info.value)
+    assert "['n']" in msg
+    assert "custom_jvp" in msg
+    assert "pass it in as an argument" in msg
+
+
+def test_custom_jvp_writing_state_eagerly_works(model):
+    tree, state = model
+    out, new = lift.stateful(_counting_sin(tree))(state, jnp.float32(1.0))
+    np.testing.assert_allclose(out, np.sin(1.0), rtol=1e-6)
+    assert int(new[tree["n"]]) == 1
+
+
+@pytest.mark.parametrize("jitted", [False, True], ids=["eager", "jit"])
+def test_custom_jvp_reading_state_under_lift_grad_works(model, jitted):
+    tree, state = model
+    state = {**state, tree["acc"]: jnp.array([1.0, 2.0, 3.0])}
+
+    @jax.custom_jvp
+    def scaled(x):
+        return jnp.sum(lift.get(tree["acc"]) * x)
+
+    @scaled.defjvp
+    def _(primals, tangents):
+        return scaled(primals[0]), jnp.sum(lift.get(tree["acc"]) * tangents[0])
+
+    f = lift.stateful(lift.grad(scaled))
+    g, new = (lift.jit(f) if jitted else f)(state, jnp.ones(3))
+    np.testing.assert_allclose(g, [1.0, 2.0, 3.0])
+    np.testing.assert_array_equal(new[tree["acc"]], [1.0, 2.0, 3.0])

@@ -10,6 +10,7 @@ import time
 import jax.numpy as jnp
 import pytest
 from helpers import make_counter, tick
+from jax import lax
 
 import lift
 
@@ -82,6 +83,56 @@ def test_threads_do_not_see_each_others_state(make_step):
     assert not errors, errors
     assert seen_wrong == {}
     assert finals == {i: 1000 * i + CALLS * (i + 1) for i in range(THREADS)}
+
+
+@pytest.mark.parametrize("jitted", [False, True], ids=["eager", "jit"])
+def test_concurrent_first_calls_writing_state_in_a_raw_loop(jitted):
+    """8 threads x 5 rounds, each round a new function called first by all threads."""
+    tree, _ = make_counter()
+    errors: list[BaseException] = []
+    results: dict[tuple[int, int], tuple[int, int, int]] = {}
+
+    def make_step():
+        def step(xs):
+            def body(c, x):
+                old = lift.get(tree["n"])
+                time.sleep(0)
+                lift.set(tree["n"], old + x)
+                return c + 1, old
+
+            count, olds = lax.scan(body, jnp.int32(0), xs)
+            return count, olds[-1]
+
+        f = lift.stateful(step)
+        return lift.jit(f) if jitted else f
+
+    for round_ in range(5):
+        step = make_step()
+        barrier = threading.Barrier(THREADS)
+
+        def worker(i, step=step, round_=round_, barrier=barrier):
+            try:
+                _, state = make_counter(100 * i)
+                xs = jnp.full(4, i + 1, jnp.int32)
+                barrier.wait()
+                (count, last_old), new = step(state, xs)
+                results[round_, i] = (int(count), int(last_old), int(new[tree["n"]]))
+            except BaseException as err:  # reported by the main thread
+                errors.append(err)
+
+        threads = [threading.Thread(target=worker, args=(i,)) for i in range(THREADS)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert errors == []
+    assert len(results) == 5 * THREADS
+    for (_, i), (count, last_old, final) in results.items():
+        assert (count, last_old, final) == (
+            4,
+            100 * i + 3 * (i + 1),
+            100 * i + 4 * (i + 1),
+        )
 
 
 def test_a_thread_does_not_inherit_the_frame_of_its_creator():
