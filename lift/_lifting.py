@@ -35,6 +35,7 @@ class Pure:
     __slots__ = (
         "__weakref__",
         "f",
+        "frameless",
         "has_static_out",
         "keep_scalars",
         "mutable",
@@ -50,8 +51,10 @@ class Pure:
         name: str,
         keep_scalars: bool = False,
         why: str | None = None,
+        frameless: bool = False,
     ) -> None:
         self.f = f
+        self.frameless = frameless
         self.why = why
         self.keep_scalars = keep_scalars
         self.mutable = mutable
@@ -60,15 +63,19 @@ class Pure:
 
     def __call__(self, state: State, /, *args: Any, **kwargs: Any) -> tuple[Any, State]:
         args, kwargs = unmask((args, kwargs))
-        out, new = run_in_frame(
-            self.f,
-            state,
-            args,
-            kwargs,
-            mutable=self.mutable,
-            name=self.name,
-            why=self.why,
-        )
+        if self.frameless:
+            # Called outside any frame: `f` gets none either, so its get/set say so.
+            out, new = self.f(*args, **kwargs), state
+        else:
+            out, new = run_in_frame(
+                self.f,
+                state,
+                args,
+                kwargs,
+                mutable=self.mutable,
+                name=self.name,
+                why=self.why,
+            )
         out, static = mask(out, keep_scalars=self.keep_scalars)
         if static:
             self.has_static_out = True
@@ -125,17 +132,19 @@ class Lifted:
         self.static_args = static_args
         self.keep_scalars = keep_scalars
         label = ", ".join(getattr(f, "__qualname__", type(f).__name__) for f in fns)
+        # Keyed by the frame's mutability; `None`: called outside any frame.
         self._pures = {
             m: tuple(
                 Pure(
                     f,
-                    mutable=m,
+                    mutable=m is not False,
                     name=f"`lift.{name}({label})`",
                     keep_scalars=keep_scalars,
+                    frameless=m is None,
                 )
                 for f in self.fns
             )
-            for m in (True, False)
+            for m in (True, False, None)
         }
         if len(self.fns) == 1:
             functools.update_wrapper(self, self.fns[0], updated=())
@@ -145,7 +154,7 @@ class Lifted:
         if self.static_args:
             (args, kwargs), _ = mask((args, kwargs), keep_scalars=self.keep_scalars)
         if frame is None:
-            pures = self._pures[True]
+            pures = self._pures[None]
             out, _ = self.run(pures, {}, *args, **kwargs)
         else:
             pures = self._pures[frame.mutable]

@@ -650,6 +650,7 @@ def while_loop(cond_fun: Callable, body_fun: Callable, init_val: Any) -> Any:
             keep_scalars=True,
             why="it runs the `cond_fun` of `lift.while_loop`, which may read state but "
             "not write it. Move the write into `body_fun`.",
+            frameless=pures[0].frameless,
         )
         val, state = lax.while_loop(
             lambda c: test(c[1], c[0])[0], lambda c: pures[1](c[1], c[0]), (init, state)

@@ -1131,6 +1131,71 @@ def test_lift_transform_at_top_level():
     assert_close(jax.grad(f)(0.7), jax.grad(lambda x: jnp.sin(x) ** 2)(0.7))
 
 
+# ------------------------------------------------------------- outside a frame
+
+
+def _outside_cases(f):
+    """Each lifted transform applied to the implicit ``f``, called at top level."""
+    from jax.sharding import Mesh
+    from jax.sharding import PartitionSpec as P
+
+    mesh = Mesh(np.asarray(jax.devices()), ("d",))
+    x = jnp.ones(8)
+    return {
+        "jit": lambda: lift.jit(f)(x),
+        "vmap": lambda: lift.vmap(f)(x),
+        "scan": lambda: lift.scan(lambda c, xi: (f(xi), None), 0.0, x),
+        "grad": lambda: lift.grad(lambda x: jnp.sum(f(x)))(x),
+        "value_and_grad": lambda: lift.value_and_grad(lambda x: jnp.sum(f(x)))(x),
+        "cond": lambda: lift.cond(True, f, f, x),
+        "switch": lambda: lift.switch(0, [f, f], x),
+        "checkpoint": lambda: lift.checkpoint(f)(x),
+        "while_loop": lambda: lift.while_loop(
+            lambda c: jnp.sum(f(c)) < 3, lambda c: c + 1, x
+        ),
+        "fori_loop": lambda: lift.fori_loop(0, 2, lambda i, c: f(c), x),
+        "eval_shape": lambda: lift.eval_shape(f, x),
+        "shard_map": lambda: lift.shard_map(
+            f, mesh=mesh, in_specs=P("d"), out_specs=P("d")
+        )(x),
+        "pmap": lambda: lift.pmap(f, "d")(x),
+        "lift_transform": lambda: lift.lift_transform(jax.named_call)(f, name="g")(x),
+    }
+
+
+_OUTSIDE = list(_outside_cases(lambda x: x))
+
+
+@pytest.mark.parametrize("what", ["get", "set"])
+@pytest.mark.parametrize("transform", _OUTSIDE)
+def test_transform_outside_a_frame_is_the_frame_error_of_get(model, transform, what):
+    # Issue 16: not "the state is empty", but what a plain `lift.get` says.
+    tree, _ = model
+
+    def f(x):
+        if what == "get":
+            return x + jnp.sum(lift.get(tree["acc"]))
+        lift.set(tree["acc"], jnp.ones(3))
+        return x
+
+    with pytest.raises(lift.FrameError) as info:
+        lift.get(tree["acc"]) if what == "get" else lift.set(tree["acc"], W)
+    plain = str(info.value)
+    with pytest.raises(lift.FrameError) as info:
+        _outside_cases(f)[transform]()
+    assert str(info.value) == plain
+    assert "['acc']" in plain
+    assert "outside a frame" in plain
+    assert "lift.stateful(f)(state, *args)" in plain
+
+
+@pytest.mark.parametrize("transform", _OUTSIDE)
+def test_transform_outside_a_frame_without_state_runs(transform):
+    # Functions that touch no state work at top level, as their JAX transform does.
+    out = _outside_cases(lambda x: 2 * x)[transform]()
+    assert out is not None
+
+
 # ---------------------------------------------------------------------- nesting
 
 
