@@ -8,6 +8,14 @@ page as their file name and their own line numbers, so tracebacks point into the
 Markdown). A block that is deliberately not runnable is fenced as something other
 than `python` (`text`, `pycon`, `bash`).
 
+A block that only includes another file (mkdocs' `--8<-- "examples/quickstart.py"`)
+is not run here: the examples run as scripts in CI; the file must exist.
+
+The collector is a few lines of our own rather than a plugin (Sybil,
+pytest-markdown-docs): those make one test item per block, which `pytest -n 2` may
+send to different workers, splitting a page's shared namespace; here a page is one
+item, and nothing is added to the test dependencies.
+
 Blocks run with JAX's default promotion rules (a reader's, not the strict ones the
 rest of the suite uses), in a temporary working directory, and any JAX setting or
 environment variable a page changes is restored afterwards.
@@ -110,8 +118,10 @@ def run_page(page: pathlib.Path) -> None:
     try:
         with _restored_settings():
             for block in python_blocks(page):
-                included = [_SNIPPET.match(s) for s in block.code.splitlines()]
+                lines = [line for line in block.code.splitlines() if line.strip()]
+                included = [_SNIPPET.match(line) for line in lines]
                 if any(included):  # an included example: it runs as a script in CI
+                    assert all(included), f"{rel}:{block.line}: code beside --8<--"
                     for match in filter(None, included):
                         assert (ROOT / match["path"]).is_file(), (rel, match["path"])
                     continue
