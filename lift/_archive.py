@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import hashlib
 import json
 import os
@@ -123,8 +124,13 @@ def _checked(where: str, leaf: Any) -> Any:
     return leaf
 
 
+@functools.lru_cache(maxsize=256)
+def _stored_for(dtype: np.dtype) -> np.dtype | None:
+    return stored_dtype(dtype.name)  # `dtype.name` alone costs microseconds
+
+
 def _storage(where: str, dtype: np.dtype) -> np.dtype:
-    stored = stored_dtype(dtype.name)
+    stored = _stored_for(dtype)
     if stored is None:
         raise LiftTypeError(
             f"`save_state`: the array at {where!r} has dtype {dtype}, which is not "
@@ -145,8 +151,10 @@ def _to_host(where: str, leaf: Any) -> tuple[np.ndarray, str, str | None]:
         host = host.astype(host.dtype.newbyteorder("<"))
     if not host.flags.c_contiguous:
         host = host.copy(order="C")
+    if host.dtype == stored:
+        return host, stored.name, None
     # Dtypes numpy has no `.npy` code for are stored as their bits.
-    return (host if host.dtype == stored else host.view(stored)), host.dtype.name, None
+    return host.view(stored), host.dtype.name, None
 
 
 class _HashingWriter:

@@ -81,7 +81,9 @@ def save_state(path: PathLike, state: Mapping[StateKey, Any]) -> None:
     The file is written at exactly ``path`` (no extension is added): first to a
     temporary file in the same folder, which is flushed, synced and then renamed over
     ``path``. If anything fails, the temporary file is removed and a file already at
-    ``path`` is left as it was.
+    ``path`` is left as it was. Every leaf is checked before anything is written.
+    Entries are written in key order, so equal states give identical bytes. A new
+    file gets the permissions ``open()`` would give it; an existing one keeps its own.
 
     Args:
         path: where to write (a ``str`` or :class:`os.PathLike`); its folder must
@@ -91,7 +93,10 @@ def save_state(path: PathLike, state: Mapping[StateKey, Any]) -> None:
 
     Raises:
         LiftTypeError: ``state`` is not a state dict, or holds something that is not
-            an array (or a tracer: save outside of ``jit``).
+            an array of a JAX dtype (a string, an object array, a tracer: save
+            outside of ``jit``), naming its path.
+        LiftValueError: a Python int does not fit JAX's integer dtype, or an array
+            spans several processes.
         FileNotFoundError: the folder of ``path`` does not exist.
         OSError: the folder is not writable, or the disk is full.
 
@@ -120,8 +125,10 @@ def load_state(
 ) -> State:
     """Read a state written by :func:`save_state`.
 
-    Every array is checked against its SHA-256 checksum, so a damaged file raises
-    instead of returning wrong values.
+    Nothing in the file is trusted: the manifest is checked against itself, every
+    array's ``.npy`` header, size and SHA-256 checksum against the manifest, and no
+    array is allocated before its size is known to fit in the file. So a damaged or
+    crafted file raises instead of returning other arrays than the ones saved.
 
     Without ``like``, an array value loads as a :class:`jax.Array`, and a value that
     was a dict, list or tuple (or ``None``) loads as the same containers. A value with
@@ -142,12 +149,13 @@ def load_state(
 
     Returns:
         A state dict of :class:`jax.Array` values, in ``like``'s key order if given,
-        otherwise in the file's.
+        otherwise in the file's (key order).
 
     Raises:
         FileNotFoundError: there is no file at ``path``.
         StateFileError: (a ``LiftValueError``) the file is truncated, damaged, not a
-            state file, or of another format version.
+            state file, of another format version, or its manifest disagrees with
+            itself or with a stored array; the message names the key.
         StateMismatchError: (a ``LiftValueError``) the data does not match ``like``;
             ``.problems`` lists every difference.
         LiftValueError: the file holds 64-bit arrays and 64-bit JAX is off, or a value
