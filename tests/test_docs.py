@@ -172,6 +172,23 @@ def test_a_broken_block_fails_with_its_page_and_line(tmp_path):
     assert (str(frame.path), frame.lineno + 1) == (str(page), 14)
 
 
+def test_a_page_changes_no_setting_and_needs_only_what_it_imports(tmp_path):
+    page = tmp_path / "page.md"
+    page.write_text(
+        "```python\nimport os, jax\njax.config.update('jax_enable_x64', True)\n"
+        "os.environ['LIFT_DOCS_PROBE'] = '1'\n"
+        "import jax.numpy as jnp\n"
+        "x = jnp.ones((2, 3), jnp.float32) + jnp.ones(3, jnp.int32)  # JAX's defaults\n"
+        "```\n"
+        "```python\nimport surely_not_installed_module\n```\n"
+    )
+    with pytest.raises(ModuleNotFoundError):
+        run_page(page)
+    assert not jax.config.jax_enable_x64
+    assert "LIFT_DOCS_PROBE" not in os.environ
+    assert _missing_modules(python_blocks(page)) == ["surely_not_installed_module"]
+
+
 def test_fences_are_found_indented_and_only_python_runs():
     text = (
         "!!! note\n    ```python\n    a = 1\n    ```\n\n"
