@@ -70,7 +70,7 @@ _HEADER_ERRORS = (ValueError, TypeError, SyntaxError)  # numpy's .npy header par
 @dataclass(frozen=True)
 class _Planned:
     key: str
-    value: Any
+    tree: Any  # the JSON structure of the value
     treedef: Any
     paths: list[str]
     leaves: list[Any]
@@ -82,7 +82,8 @@ def plan_state(state: Mapping[Any, Any]) -> list[_Planned]:
     for key in sorted(state, key=str):
         paths, leaves, treedef = leaf_paths(state[key])
         leaves = [_checked(str(key) + p, x) for p, x in zip(paths, leaves, strict=True)]
-        plan.append(_Planned(str(key), state[key], treedef, paths, leaves))
+        tree = encode_tree(state[key], str(key))
+        plan.append(_Planned(str(key), tree, treedef, paths, leaves))
     return plan
 
 
@@ -203,7 +204,7 @@ def write_archive(file: BinaryIO, plan: list[_Planned]) -> None:
             entries.append(
                 {
                     "key": entry.key,
-                    "tree": encode_tree(entry.value),
+                    "tree": entry.tree,
                     "treedef": str(entry.treedef),
                     "leaves": records,
                 }

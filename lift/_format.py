@@ -175,17 +175,27 @@ def leaf_paths(value: Any) -> tuple[list[str], list[Any], Any]:
 # --------------------------------------------------------------- value structure
 
 
-def encode_tree(node: Any) -> Any:
-    """The JSON structure of a state value (see docs/saving.md)."""
+def encode_tree(node: Any, key: str, depth: int = 0) -> Any:
+    """The JSON structure of the value of ``key`` (see docs/saving.md)."""
+    if depth > _MAX_DEPTH:
+        raise LiftValueError(
+            f"`save_state`: the value of {key!r} is nested over {_MAX_DEPTH} levels "
+            "deep, more than a state file holds. Keep state values shallow (a deep "
+            "structure belongs in the model tree, with an entry per array)."
+        )
     if node is None:
         return None
     kind = type(node)
     if kind is dict:
         keys = list(node)
         if all(type(k) is str for k in keys) or all(type(k) is int for k in keys):
-            return {"dict": [[k, encode_tree(node[k])] for k in sorted(keys)]}
+            return {
+                "dict": [
+                    [k, encode_tree(node[k], key, depth + 1)] for k in sorted(keys)
+                ]
+            }
     elif kind is list or kind is tuple:
-        return {kind.__name__: [encode_tree(child) for child in node]}
+        return {kind.__name__: [encode_tree(c, key, depth + 1) for c in node]}
     elif jax.tree_util.treedef_is_leaf(jax.tree_util.tree_structure(node)):
         return "*"
     return {"node": f"{kind.__module__}.{kind.__qualname__}"}
