@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -113,6 +115,180 @@ def test_stateful_refuses_non_mapping_state(model):
     del model
     with pytest.raises(TypeError, match="state dict"):
         lift.stateful(lambda: None)([1, 2])
+
+
+# ----------------------------------------------------- the first argument is state
+
+
+def _train_step(model, x):
+    """A step taking the model explicitly (its state is implicit)."""
+    lift.set(model["n"], lift.get(model["n"]) + 1)
+    return x * model["w"]
+
+
+def test_step_called_without_its_state_names_what_was_passed(model):
+    tree, _ = model
+    step = lift.stateful(_train_step)
+    with pytest.raises(lift.LiftTypeError) as info:
+        step(tree, jnp.ones(3))  # the model where the state belongs
+    msg = str(info.value)
+    assert isinstance(info.value, TypeError)
+    assert "'w'" in msg  # what was passed: a dict with the key 'w'
+    assert "step(state, *args)" in msg
+    assert "_train_step" in msg
+
+
+def test_step_called_with_model_and_state_swapped(model):
+    tree, state = model
+    step = lift.stateful(_train_step)
+    with pytest.raises(lift.LiftTypeError, match=r"step\(state, \*args\)"):
+        step(tree, state, jnp.ones(3))
+
+
+def test_step_called_with_a_non_dict_model(model):
+    tree, _ = model
+    step = lift.stateful(lambda model, x: x)
+    with pytest.raises(lift.LiftTypeError) as info:
+        step([tree["w"], tree["n"]], 1.0)
+    assert "list" in str(info.value)
+    assert "step(state, *args)" in str(info.value)
+
+
+def test_a_mapping_of_state_keys_to_models_is_refused(model):
+    tree, state = model
+    key = next(iter(state))
+
+    class Frozen(dict):  # any Mapping other than a dict takes the full check
+        pass
+
+    with pytest.raises(lift.LiftTypeError) as info:
+        lift.stateful(lambda: None)(Frozen({key: tree}))
+    assert "['n']" in str(info.value) or "['ema']" in str(info.value)
+    assert "model" in str(info.value)
+
+
+def test_empty_and_mapping_states_are_valid(model):
+    _, state = model
+    assert lift.stateful(lambda: 1)({}) == (1, {})
+    from types import MappingProxyType
+
+    out, new = lift.stateful(lambda: 2)(MappingProxyType(state))
+    assert out == 2
+    assert new == dict(state)
+
+
+def test_first_argument_check_adds_nothing_to_a_compiled_call(model):
+    tree, state = model
+    traces = []
+
+    def step(x):
+        traces.append(None)
+        return _train_step(tree, x)
+
+    f = lift.jit(lift.stateful(step))
+    _, s1 = f(state, jnp.ones(3))
+    _, s2 = f(s1, jnp.ones(3))
+    assert len(traces) == 1
+    assert int(s2[tree["n"]]) == 2
+    with pytest.raises(lift.LiftTypeError, match=r"step\(state, \*args\)"):
+        f(tree, jnp.ones(3))
+
+
+# ------------------------------------------------- generators and coroutines
+
+
+def _gen(tree):
+    yield lift.get(tree["n"])
+
+
+async def _coro(tree):
+    return lift.get(tree["n"])
+
+
+async def _agen(tree):
+    yield lift.get(tree["n"])
+
+
+class _GenCall:
+    def __call__(self, tree):
+        yield lift.get(tree["n"])
+
+
+@pytest.mark.parametrize(
+    ("fn", "what"),
+    [
+        (_gen, "a generator function"),
+        (_coro, "a coroutine function"),
+        (_agen, "an async generator function"),
+        (_GenCall(), "a generator function"),
+        (functools.partial(_gen), "a generator function"),
+    ],
+    ids=["generator", "coroutine", "async-generator", "callable-object", "partial"],
+)
+def test_stateful_refuses_generator_and_coroutine_functions(fn, what):
+    with pytest.raises(lift.LiftTypeError) as info:
+        lift.stateful(fn)
+    msg = str(info.value)
+    assert what in msg
+    assert "frame has closed" in msg
+    assert "regular function" in msg
+    assert "step(state, x)" in msg
+
+
+def test_a_returned_generator_cannot_write_another_calls_frame():
+    # A regular function returning a generator that uses get/set lazily; iterated
+    # inside another model's stateful call with the same paths (100 must not become
+    # 101), the generator's get/set go to its own, closed frame.
+    tree, state_a = make_counter(0)
+    _, state_b = make_counter(100)
+
+    def make_ticker():
+        def ticker():
+            while True:
+                yield tick(tree)
+
+        return ticker()
+
+    ticker, new_a = lift.stateful(make_ticker)(state_a)
+
+    def consume():
+        return next(ticker)
+
+    with pytest.raises(lift.FrameError) as info:
+        lift.stateful(consume)(state_b)
+    assert "['n']" in str(info.value)
+    assert "has returned" in str(info.value)
+    assert int(state_b[tree["n"]]) == 100
+    assert int(new_a[tree["n"]]) == 0
+    another, _ = lift.stateful(make_ticker)(state_a)
+    with pytest.raises(lift.FrameError, match="has returned"):  # outside any frame
+        next(another)
+
+
+def test_a_returned_generator_not_using_state_still_works():
+    tree, state = make_counter(3)
+
+    def make():
+        n = lift.get(tree["n"])  # read during the call: fine
+
+        def numbers():
+            received = yield int(n)
+            while received is not None:
+                received = yield received * 2
+            return "done"
+
+        return numbers()
+
+    gen, _ = lift.stateful(make)(state)
+    assert next(gen) == 3
+    assert gen.send(5) == 10
+    with pytest.raises(StopIteration) as stop:
+        gen.send(None)
+    assert stop.value.value == "done"
+    gen2, _ = lift.stateful(make)(state)
+    next(gen2)
+    with pytest.raises(ValueError, match="thrown"):
+        gen2.throw(ValueError("thrown"))
 
 
 # ---------------------------------------------------------------- immutable frames
