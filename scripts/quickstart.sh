@@ -3,8 +3,9 @@
 #
 #   bash scripts/quickstart.sh
 #
-# Creates .venv if missing, installs lift with the examples' extras, and runs
-# examples/quickstart.py. Pass LIFT_EXAMPLES_QUICK=1 for a few-second run.
+# Creates .venv if missing, installs lift from this clone (the distribution
+# `jax-lift`, editable) with the examples' extras, and runs examples/quickstart.py.
+# Pass LIFT_EXAMPLES_QUICK=1 for a few-second run.
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -14,7 +15,7 @@ if [ ! -x .venv/bin/python ]; then
     echo "==> creating .venv"
     "$PYTHON" -m venv .venv
 fi
-echo "==> pip install -e '.[examples]'"
+echo "==> pip install -e '.[examples]'   (jax-lift, imported as lift)"
 .venv/bin/python -m pip install -qq --progress-bar off --upgrade pip
 .venv/bin/python -m pip install -qq --progress-bar off -e '.[examples]'
 echo "==> python examples/quickstart.py"

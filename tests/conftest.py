@@ -12,4 +12,16 @@ This file holds the fixtures shared by the tests.
 
 from __future__ import annotations
 
-# Transform fixtures (a `variant` over "eager", "jit", "vmap", "scan") go here.
+import chex
+import pytest
+
+
+@pytest.fixture(autouse=True)
+def _fresh_trace_counts():
+    """Start every test with ``chex.assert_max_traces`` counts at zero.
+
+    Chex counts the traces of a function by where it is defined, for the whole
+    process: without this, a test run twice in one worker (or two tests defining a
+    function at the same place) would add up their traces.
+    """
+    chex.clear_trace_counter()

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from typing import Any
 
+import chex
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 
 import lift
@@ -107,7 +107,13 @@ def bn_values(model: dict, state: dict) -> dict[str, Any]:
 
 
 class TraceCounter:
-    """Counts how often a function is traced (its Python body runs)."""
+    """Counts how often a function is traced (its Python body runs).
+
+    For "traced at most ``n`` times" use ``chex.assert_max_traces``. This counter is
+    for exact counts that must *grow* (a changed static argument retraces), and for
+    functions traced with static arguments only, which Chex does not count (it counts
+    calls whose arguments hold a tracer, and shows no count).
+    """
 
     def __init__(self) -> None:
         self.count = 0
@@ -120,14 +126,5 @@ class TraceCounter:
 def assert_states_close(
     got: dict, expected: dict, *, rtol: float = 1e-6, atol: float = 1e-6
 ) -> None:
-    """Same keys, and every leaf close (exactly equal for integer dtypes)."""
-    assert set(got) == set(expected), (sorted(got), sorted(expected))
-    for key in expected:
-        got_leaves = jax.tree_util.tree_leaves(got[key])
-        exp_leaves = jax.tree_util.tree_leaves(expected[key])
-        assert len(got_leaves) == len(exp_leaves), key
-        for a, b in zip(got_leaves, exp_leaves, strict=True):
-            a, b = np.asarray(a), np.asarray(b)
-            assert a.shape == b.shape, (key, a.shape, b.shape)
-            assert a.dtype == b.dtype, (key, a.dtype, b.dtype)
-            np.testing.assert_allclose(a, b, rtol=rtol, atol=atol, err_msg=str(key))
+    """Same keys and structure, every leaf of the same shape and dtype, and close."""
+    chex.assert_trees_all_close(got, expected, rtol=rtol, atol=atol, strict=True)
