@@ -358,7 +358,7 @@ def format_table(rows: Sequence[dict[str, Any]], *, markdown: bool = False) -> s
         )
     footer = []
     if any(r["target"] is not None and not r.get("judged", True) for r in rows):
-        footer = ["* shown beside the target, not judged (it is judged on time)"]
+        footer = ["* shown beside the target, not judged (it is judged on another row)"]
     if markdown:
         out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         out += ["| " + " | ".join(line) + " |" for line in lines]
