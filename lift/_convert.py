@@ -46,6 +46,10 @@ def check_state(state: Any, where: str) -> None:
         )
 
 
+def _join(*sentences: str) -> str:
+    return " ".join(s for s in sentences if s)
+
+
 def take(
     state: Mapping[Any, Any],
     keys: Sequence[StateKey],
@@ -73,8 +77,11 @@ def take(
     for key in keys:
         if key not in state:
             raise LiftKeyError(
-                f"{where}: no state under {str(key)!r}. {closest(str(key), state)} "
-                f"Pass the lift state made by `{made_by}` for {owner}."
+                _join(
+                    f"{where}: no state under {str(key)!r}.",
+                    closest(str(key), state),
+                    f"Pass the lift state made by `{made_by}` for {owner}.",
+                )
             )
         values.append(state[key])
     if strict and len(state) != len(keys):
@@ -93,16 +100,10 @@ def _pure(
     keys: Sequence[StateKey],
     call: Callable[[list[Any]], tuple[Any, Sequence[Any]]],
     label: str,
+    made_by: str,
 ) -> tuple[Any, dict[StateKey, Any]]:
-    old = []
-    for key in keys:
-        if key not in state:
-            raise LiftKeyError(
-                f"{label}: no state under {str(key)!r} in this frame. "
-                f"{closest(str(key), state)} Pass the state that the converter made "
-                "for this model to `lift.stateful`."
-            )
-        old.append(state[key])
+    where = f"{label} (in the frame of `lift.stateful`)"
+    old = take(state, keys, where, made_by=made_by, owner="this model", strict=False)
     out, new = call(old)
     changed = {
         key: value
@@ -119,11 +120,14 @@ def call_in_frame(
     keys: Sequence[StateKey],
     call: Callable[[list[Any]], tuple[Any, Sequence[Any]]],
     label: str,
+    *,
+    made_by: str,
 ) -> Any:
     """``call(values) -> (out, new_values)`` with the innermost frame's values of keys.
 
     ``new_values`` are in the order of ``keys``; each one that is not the very object
-    given is written back (checked like :func:`lift.set`). Returns ``out``.
+    given is written back (checked like :func:`lift.set`). Returns ``out``. ``label``
+    names the caller in messages; ``made_by`` is the function that makes the state.
 
     Raises:
         FrameError: there is no frame, or a value changed in an immutable one.
@@ -134,4 +138,4 @@ def call_in_frame(
             f"{label} was called outside a frame, so there is no state to use. Call "
             "it inside a function run by `lift.stateful(f)(state, *args)`."
         )
-    return _run(keys, call, label)
+    return _run(keys, call, label, made_by)

@@ -49,10 +49,9 @@ except ImportError as err:  # pragma: no cover - depends on the environment
 
 import jax.tree_util as jtu
 
-from ._errors import LiftKeyError, LiftTypeError, LiftValueError, closest
+from ._convert import call_in_frame, check_prefix, check_state, take
+from ._errors import LiftKeyError, LiftTypeError, LiftValueError
 from ._export import State as LiftState
-from ._frame import get as _get
-from ._frame import set as _set
 from ._keys import StateKey
 
 __all__ = ["Lowered", "from_equinox", "lower", "to_equinox"]
@@ -168,10 +167,7 @@ def from_equinox(
         (StateKey(".index"), Array(0, dtype=int32, weak_type=True))
     """
     where = "`lift.equinox.from_equinox`"
-    if prefix is not None and not isinstance(prefix, str):
-        raise LiftTypeError(
-            f"{where}(prefix=...) must be a str, got {type(prefix).__name__}."
-        )
+    prefix = check_prefix(prefix, where)
     leaves, treedef = jtu.tree_flatten_with_path(model, is_leaf=_is_index)
     if state is None:
         if any(_is_index(x) and type(x.init) is StateKey for _, x in leaves):
@@ -199,7 +195,7 @@ def from_equinox(
                 )
             key = keys.get(leaf.marker)
             if key is None:
-                key = StateKey((prefix or "") + jtu.keystr(path))
+                key = StateKey(prefix + jtu.keystr(path))
                 if leaf.marker not in values:
                     raise LiftKeyError(
                         f"{where}: the `eqx.nn.StateIndex` at {jtu.keystr(path)!r} has "
@@ -254,28 +250,12 @@ def to_equinox(
         (True, True)
     """
     where = "`lift.equinox.to_equinox`"
-    if not isinstance(state, Mapping):
-        raise LiftTypeError(
-            f"{where} takes the lift state dict as its second argument; got "
-            f"{type(state).__name__}."
-        )
+    check_state(state, where)
     pairs = _converted(tree, where)
-    values = []
-    for _, key in pairs:
-        if key not in state:
-            raise LiftKeyError(
-                f"{where}: no state under {str(key)!r}. {closest(str(key), state)} "
-                "Pass the lift state made by `from_equinox` for this tree."
-            )
-        values.append(state[key])
-    if strict and len(state) != len(pairs):
-        used = {key for _, key in pairs}
-        extra = [repr(str(k)) for k in state if k not in used]
-        raise LiftValueError(
-            f"{where}: the state has keys the tree does not use "
-            f"({', '.join(extra[:3])}). Pass only this tree's state "
-            "(`lift.filter_state`), or `strict=False`."
-        )
+    keys = [key for _, key in pairs]
+    values = take(
+        state, keys, where, made_by="from_equinox", owner="the tree", strict=strict
+    )
     model = eqx.nn.delete_init_state(tree)
     return model, _make_state([m for m, _ in pairs], values)
 
@@ -297,33 +277,34 @@ class Lowered(eqx.Module):
         """Call ``model(*args, eqx_state, **kwargs)`` with the current frame's state."""
         pairs = _converted(self.model, "`lift.equinox.lower`")
         markers = [m for m, _ in pairs]
-        old = [_get(key) for _, key in pairs]
-        result = self.model(*args, _make_state(markers, old), **kwargs)
-        if not (
-            isinstance(result, tuple)
-            and len(result) == 2
-            and isinstance(result[1], _EqxState)
-        ):
-            raise LiftValueError(
-                f"`lift.equinox.lower({type(self.model).__name__})`: the model must "
-                "return `(output, state)` with an `eqx.nn.State`, as Equinox's "
-                f"stateful layers do; it returned {type(result).__name__}. Return the "
-                "state the model's stateful layers gave back."
-            )
-        out, new_state = result
-        new = _read_state(new_state, "`lift.equinox.lower`")
-        if new.keys() != set(markers):
-            raise LiftValueError(
-                f"`lift.equinox.lower({type(self.model).__name__})`: the model "
-                "returned an `eqx.nn.State` with other indices than it was given. "
-                "Return the whole state (after `state.update(substate)`), not a "
-                "`substate`."
-            )
-        for (marker, key), before in zip(pairs, old, strict=True):
-            value = new[marker]
-            if value is not before:
-                _set(key, value)
-        return out
+        label = f"`lift.equinox.lower({type(self.model).__name__})`"
+
+        def call(old: list[Any]) -> tuple[Any, list[Any]]:
+            result = self.model(*args, _make_state(markers, old), **kwargs)
+            if not (
+                isinstance(result, tuple)
+                and len(result) == 2
+                and isinstance(result[1], _EqxState)
+            ):
+                raise LiftValueError(
+                    f"{label}: the model must return `(output, state)` with an "
+                    "`eqx.nn.State`, as Equinox's stateful layers do; it returned "
+                    f"{type(result).__name__}. Return the state the model's stateful "
+                    "layers gave back."
+                )
+            out, new_state = result
+            new = _read_state(new_state, "`lift.equinox.lower`")
+            if new.keys() != set(markers):
+                raise LiftValueError(
+                    f"{label}: the model returned an `eqx.nn.State` with other "
+                    "indices than it was given. Return the whole state (after "
+                    "`state.update(substate)`), not a `substate`."
+                )
+            return out, [new[marker] for marker in markers]
+
+        return call_in_frame(
+            [key for _, key in pairs], call, label, made_by="from_equinox"
+        )
 
 
 def lower(tree: Any) -> Lowered:

@@ -44,10 +44,9 @@ except ImportError as err:  # pragma: no cover - depends on the environment
 
 import functools
 
-from ._errors import LiftKeyError, LiftTypeError, LiftValueError, closest
+from ._convert import call_in_frame, check_prefix, check_state, take
+from ._errors import LiftTypeError, LiftValueError
 from ._export import State as LiftState
-from ._frame import get as _get
-from ._frame import set as _set
 from ._keys import StateKey
 
 __all__ = ["from_haiku", "lower", "to_haiku"]
@@ -95,6 +94,7 @@ def from_haiku(
         {StateKey("['linear']['counter']"): Array(0, dtype=int32)}
     """
     where = "`lift.haiku.from_haiku`"
+    prefix = check_prefix(prefix, where)
     return {_key(prefix, m, n): v for m, n, v in _items(state, where)}
 
 
@@ -129,24 +129,16 @@ def to_haiku(
         True
     """
     where = "`lift.haiku.to_haiku`"
+    check_state(state, where)
+    prefix = check_prefix(prefix, where)
     items = _items(like, where)
+    keys = [_key(prefix, module, name) for module, name, _ in items]
+    values = take(
+        state, keys, where, made_by="from_haiku", owner="`like`", strict=strict
+    )
     out: dict[str, dict[str, Any]] = {}
-    for module, name, _ in items:
-        key = _key(prefix, module, name)
-        if key not in state:
-            raise LiftKeyError(
-                f"{where}: no state under {str(key)!r}. {closest(str(key), state)} "
-                "Pass the lift state made by `from_haiku` for this Haiku state."
-            )
-        out.setdefault(module, {})[name] = state[key]
-    if strict and len(state) != len(items):
-        used = {_key(prefix, m, n) for m, n, _ in items}
-        extra = [repr(str(k)) for k in state if k not in used]
-        raise LiftValueError(
-            f"{where}: the state has keys that `like` does not have "
-            f"({', '.join(extra[:3])}). Pass only this model's state "
-            "(`lift.filter_state`), or `strict=False`."
-        )
+    for (module, name, _), value in zip(items, values, strict=True):
+        out.setdefault(module, {})[name] = value
     return out
 
 
@@ -193,36 +185,37 @@ def lower(
         raise LiftTypeError(
             f"`lift.haiku.lower` takes `transformed.apply`; got {type(apply).__name__}."
         )
-    items = _items(like, "`lift.haiku.lower`")
-    keys = [(module, name, _key(prefix, module, name)) for module, name, _ in items]
-    label = getattr(apply, "__qualname__", "apply")
+    prefix = check_prefix(prefix, "`lift.haiku.lower`")
+    names = [(module, name) for module, name, _ in _items(like, "`lift.haiku.lower`")]
+    keys = [_key(prefix, module, name) for module, name in names]
+    label = f"`lift.haiku.lower({getattr(apply, '__qualname__', 'apply')})`"
 
     @functools.wraps(apply)
     def implicit(params: Any, *args: Any, **kwargs: Any) -> Any:
-        hk_state: dict[str, dict[str, Any]] = {}
-        old = {}
-        for module, name, key in keys:
-            old[key] = hk_state.setdefault(module, {})[name] = _get(key)
-        result = apply(params, hk_state, *args, **kwargs)
-        if not (isinstance(result, tuple) and len(result) == 2):
-            raise LiftValueError(
-                f"`lift.haiku.lower({label})`: `apply` must return `(out, state)` as "
-                "`hk.transform_with_state` makes it; got "
-                f"{type(result).__name__}."
-            )
-        out, new = result
-        new_items = _items(new, f"`lift.haiku.lower({label})`")
-        if len(new_items) != len(keys):
-            raise LiftValueError(
-                f"`lift.haiku.lower({label})`: `apply` returned {len(new_items)} state "
-                f"values but was given {len(keys)}; state is never added silently. "
-                "Initialise it with `transformed.init` and pass that state as `like`."
-            )
-        for module, name, key in keys:
-            value = new[module][name]
-            if value is not old[key]:
-                _set(key, value)
-        return out
+        def call(old: list[Any]) -> tuple[Any, list[Any]]:
+            hk_state: dict[str, dict[str, Any]] = {}
+            for (module, name), value in zip(names, old, strict=True):
+                hk_state.setdefault(module, {})[name] = value
+            result = apply(params, hk_state, *args, **kwargs)
+            if not (isinstance(result, tuple) and len(result) == 2):
+                raise LiftValueError(
+                    f"{label}: `apply` must return `(out, state)` as "
+                    "`hk.transform_with_state` makes it; got "
+                    f"{type(result).__name__}."
+                )
+            out, new = result
+            got = [(module, name) for module, name, _ in _items(new, label)]
+            if got != names:
+                added = sorted(set(got) ^ set(names))[:3]
+                raise LiftValueError(
+                    f"{label}: `apply` returned other state values than it was given "
+                    f"({', '.join(str(_key(prefix, *n)) for n in added)}); state is "
+                    "never added silently. Initialise it with `transformed.init` and "
+                    "pass that state as `like`."
+                )
+            return out, [new[module][name] for module, name in names]
+
+        return call_in_frame(keys, call, label, made_by="from_haiku")
 
     return implicit
 

@@ -46,10 +46,9 @@ except ImportError as err:  # pragma: no cover - depends on the environment
 
 import jax.tree_util as jtu
 
+from ._convert import call_in_frame, check_prefix, check_state, take
 from ._errors import LiftKeyError, LiftTypeError, LiftValueError, closest
 from ._export import State as LiftState
-from ._frame import get as _get
-from ._frame import set as _set
 from ._keys import StateKey
 
 __all__ = ["Lowered", "from_inox", "lower", "to_inox"]
@@ -91,8 +90,8 @@ def from_inox(
             exported by ``inox.nn.export_state``), or both.
         state: the Inox state dict of an exported module; ``None`` when the module
             holds only entries.
-        prefix: put in front of the keys made from entries' paths, so the state can be
-            merged with another.
+        prefix: put in front of every lift key (made from an entry's path or an Inox
+            key), so the state can be merged with another's.
 
     Returns:
         ``(tree, lift_state)``: the module with lift keys in place of Inox's entries
@@ -113,10 +112,7 @@ def from_inox(
         (StateKey(".stats"), Array([1., 1.], dtype=float32))
     """
     where = "`lift.inox.from_inox`"
-    if prefix is not None and not isinstance(prefix, str):
-        raise LiftTypeError(
-            f"{where}(prefix=...) must be a str, got {type(prefix).__name__}."
-        )
+    prefix = check_prefix(prefix, where)
     if state is not None and not isinstance(state, Mapping):
         raise LiftTypeError(
             f"{where} takes the Inox state dict (from `inox.nn.export_state`) as its "
@@ -132,7 +128,7 @@ def from_inox(
     for path, leaf in leaves:
         where_here = jtu.keystr(path)
         if isinstance(leaf, _InoxEntry):
-            key = StateKey((prefix or "") + where_here)
+            key = StateKey(prefix + where_here)
             value = leaf.value
         elif isinstance(leaf, _InoxKey):
             if not isinstance(leaf.key, str):
@@ -148,7 +144,7 @@ def from_inox(
                     f"{where_here!r}) but the state has no value for it. {hint} Pass "
                     "the state exported together with this module."
                 )
-            key = StateKey(leaf.key)
+            key = StateKey(prefix + leaf.key)
             if key in lift_state and origin[key] == "key":
                 out.append(key)
                 continue
@@ -175,7 +171,7 @@ def from_inox(
     unused = [
         k
         for k in inox_state
-        if not (isinstance(k, _InoxKey) and StateKey(str(k.key)) in used)
+        if not (isinstance(k, _InoxKey) and StateKey(prefix + str(k.key)) in used)
     ]
     if unused:
         raise LiftValueError(
@@ -187,17 +183,23 @@ def from_inox(
 
 
 def to_inox(
-    tree: Any, state: Mapping[StateKey, Any], *, strict: bool = True
+    tree: Any,
+    state: Mapping[StateKey, Any],
+    *,
+    prefix: str | None = None,
+    strict: bool = True,
 ) -> tuple[Any, dict[Any, Any]]:
     """Convert back: the exact inverse of :func:`from_inox` on an exported module.
 
-    Every lift key in ``tree`` becomes ``inox.nn.StateKey(str(key))`` and the Inox state
-    maps it to ``state[key]`` (the same value objects). A module converted while still
-    holding entries comes back exported, as ``inox.nn.export_state`` would give it.
+    Every lift key in ``tree`` becomes ``inox.nn.StateKey`` of its string without
+    ``prefix`` and the Inox state maps it to ``state[key]`` (the same value objects). A
+    module converted while still holding entries comes back exported, as
+    ``inox.nn.export_state`` would give it.
 
     Args:
         tree: a tree made by :func:`from_inox`.
         state: its lift state (possibly updated).
+        prefix: the prefix given to :func:`from_inox`.
         strict: a key of ``state`` that the tree does not use is an error.
 
     Returns:
@@ -205,7 +207,8 @@ def to_inox(
 
     Raises:
         LiftKeyError: a key of the tree is not in ``state``.
-        LiftValueError: ``state`` has keys the tree does not use (with ``strict``).
+        LiftValueError: ``state`` has keys the tree does not use (with ``strict``), or
+            a key of the tree does not start with ``prefix``.
 
     Examples:
         >>> import inox.nn as nn
@@ -216,29 +219,24 @@ def to_inox(
         (StateKey('.stats'), True)
     """
     where = "`lift.inox.to_inox`"
-    if not isinstance(state, Mapping):
-        raise LiftTypeError(
-            f"{where} takes the lift state dict as its second argument; got "
-            f"{type(state).__name__}."
-        )
+    check_state(state, where)
+    prefix = check_prefix(prefix, where)
     keys = _lift_keys(tree)
-    inox_state = {}
+    names = {}
     for key in keys:
-        if key not in state:
-            raise LiftKeyError(
-                f"{where}: no state under {str(key)!r}. {closest(str(key), state)} "
-                "Pass the lift state made by `from_inox` for this tree."
+        if not str(key).startswith(prefix):
+            raise LiftValueError(
+                f"{where}(prefix={prefix!r}): the tree holds the key {str(key)!r}, "
+                "which does not start with the prefix. Pass the prefix given to "
+                "`from_inox` for this tree."
             )
-        inox_state[_InoxKey(str(key))] = state[key]
-    if strict and len(state) != len(keys):
-        extra = [repr(str(k)) for k in state if k not in set(keys)]
-        raise LiftValueError(
-            f"{where}: the state has keys the tree does not use "
-            f"({', '.join(extra[:3])}). Pass only this tree's state "
-            "(`lift.filter_state`), or `strict=False`."
-        )
+        names[key] = _InoxKey(str(key)[len(prefix) :])
+    values = take(
+        state, keys, where, made_by="from_inox", owner="the tree", strict=strict
+    )
+    inox_state = {names[key]: value for key, value in zip(keys, values, strict=True)}
     module = jtu.tree_map(
-        lambda x: _InoxKey(str(x)) if type(x) is StateKey else x, tree, is_leaf=_is_key
+        lambda x: names[x] if type(x) is StateKey else x, tree, is_leaf=_is_key
     )
     return module, inox_state
 
@@ -261,34 +259,35 @@ class Lowered(inn.Module):
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         """Call ``module(*args, state, **kwargs)`` with the current frame's state."""
         keys = _lift_keys(self.module)
-        old = {key: _get(key) for key in keys}
-        result = self.module(*args, old, **kwargs)
-        name = type(self.module).__name__
-        if not (
-            isinstance(result, tuple)
-            and len(result) == 2
-            and isinstance(result[1], Mapping)
-        ):
-            raise LiftValueError(
-                f"`lift.inox.lower({name})`: the module must return `(output, state)` "
-                f"with a state dict, as Inox's stateful modules do; it returned "
-                f"{type(result).__name__}. Return the state its stateful layers gave "
-                "back."
-            )
-        out, new = result
-        extra = [k for k in new if k not in old]
-        if extra:
-            raise LiftValueError(
-                f"`lift.inox.lower({name})`: the module returned state under "
-                f"{', '.join(map(repr, extra[:3]))}, which it was not given; state is "
-                "never added silently. Declare it as an `inox.nn.StateEntry` when "
-                "building the module, then convert with `from_inox`."
-            )
-        for key, before in old.items():
-            value = new.get(key, before)
-            if value is not before:
-                _set(key, value)
-        return out
+        label = f"`lift.inox.lower({type(self.module).__name__})`"
+
+        def call(values: list[Any]) -> tuple[Any, list[Any]]:
+            old = dict(zip(keys, values, strict=True))
+            result = self.module(*args, old, **kwargs)
+            if not (
+                isinstance(result, tuple)
+                and len(result) == 2
+                and isinstance(result[1], Mapping)
+            ):
+                raise LiftValueError(
+                    f"{label}: the module must return `(output, state)` with a state "
+                    "dict, as Inox's stateful modules do; it returned "
+                    f"{type(result).__name__}. Return the state its stateful layers "
+                    "gave back."
+                )
+            out, new = result
+            extra = [k for k in new if k not in old]
+            if extra:
+                raise LiftValueError(
+                    f"{label}: the module returned state under "
+                    f"{', '.join(map(repr, extra[:3]))}, which it was not given; "
+                    "state is never added silently. Declare it as an "
+                    "`inox.nn.StateEntry` when building the module, then convert "
+                    "with `from_inox`."
+                )
+            return out, [new.get(key, old[key]) for key in keys]
+
+        return call_in_frame(keys, call, label, made_by="from_inox")
 
 
 def lower(tree: Any) -> Lowered:

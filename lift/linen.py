@@ -337,7 +337,7 @@ def lower(
             out, updated = result
             return out, _new_values(layout, updated, old, label)
 
-        return call_in_frame(layout.keys, call, label)
+        return call_in_frame(layout.keys, call, label, made_by="from_linen")
 
     return implicit
 

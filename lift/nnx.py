@@ -45,10 +45,9 @@ except ImportError as err:  # pragma: no cover - depends on the environment
 
 import jax.tree_util as jtu
 
-from ._errors import LiftKeyError, LiftTypeError, LiftValueError, closest
+from ._convert import call_in_frame, check_prefix, check_state, take
+from ._errors import LiftTypeError, LiftValueError
 from ._export import State as LiftState
-from ._frame import get as _get
-from ._frame import set as _set
 from ._keys import StateKey
 
 __all__ = ["NnxTree", "from_nnx", "lower", "to_nnx"]
@@ -75,6 +74,13 @@ def _variables(state: Any) -> tuple[list[tuple[str, Any]], Any]:
     """``[(name, variable)]`` of an ``nnx.State`` in flatten order, and its treedef."""
     pairs = jtu.tree_flatten_with_path(state, is_leaf=_is_variable)[0]
     return [(_name(path), var) for path, var in pairs], jtu.tree_structure(state)
+
+
+def _type_name(graphdef: Any) -> str:
+    """The class name of the module a graph definition rebuilds."""
+    nodes = getattr(graphdef, "nodes", None)
+    node = nodes[0] if nodes else graphdef
+    return getattr(getattr(node, "type", None), "__name__", "module")
 
 
 class NnxTree:
@@ -105,7 +111,7 @@ class NnxTree:
 
     def __repr__(self) -> str:
         """The module's type and the lift keys."""
-        return f"NnxTree({self.graphdef.type.__name__}, keys={list(self.keys)})"
+        return f"NnxTree({_type_name(self.graphdef)}, keys={list(self.keys)})"
 
 
 def _unpack(aux: Any, children: Any) -> tuple[Any, Any, Any, Any, Any]:
@@ -161,10 +167,7 @@ def from_nnx(
         ['bias', 'kernel']
     """
     where = "`lift.nnx.from_nnx`"
-    if prefix is not None and not isinstance(prefix, str):
-        raise LiftTypeError(
-            f"{where}(prefix=...) must be a str, got {type(prefix).__name__}."
-        )
+    prefix = check_prefix(prefix, where)
     try:
         graphdef, moved, kept = nnx.split(module, what, ...)
     except Exception as err:
@@ -173,7 +176,7 @@ def from_nnx(
             f"{type(module).__name__} given ({err})."
         ) from err
     named, state_def = _variables(moved)
-    keys = tuple(StateKey((prefix or "") + name) for name, _ in named)
+    keys = tuple(StateKey(prefix + name) for name, _ in named)
     lift_state = {
         key: var.get_value() for key, (_, var) in zip(keys, named, strict=True)
     }
@@ -214,26 +217,11 @@ def to_nnx(tree: NnxTree, state: Mapping[StateKey, Any], *, strict: bool = True)
         raise LiftTypeError(
             f"{where} takes the tree made by `from_nnx`; got {type(tree).__name__}."
         )
-    if not isinstance(state, Mapping):
-        raise LiftTypeError(
-            f"{where} takes the lift state dict as its second argument; got "
-            f"{type(state).__name__}."
-        )
-    for key in tree.keys:
-        if key not in state:
-            raise LiftKeyError(
-                f"{where}: no state under {str(key)!r}. {closest(str(key), state)} "
-                "Pass the lift state made by `from_nnx` for this tree."
-            )
-    if strict and len(state) != len(tree.keys):
-        extra = [repr(str(k)) for k in state if k not in set(tree.keys)]
-        raise LiftValueError(
-            f"{where}: the state has keys the tree does not use "
-            f"({', '.join(extra[:3])}). Pass only this tree's state "
-            "(`lift.filter_state`), or `strict=False`."
-        )
-    moved = _moved_state(tree, [state[key] for key in tree.keys])
-    return nnx.merge(tree.graphdef, moved, tree.params)
+    check_state(state, where)
+    values = take(
+        state, tree.keys, where, made_by="from_nnx", owner="the tree", strict=strict
+    )
+    return nnx.merge(tree.graphdef, _moved_state(tree, values), tree.params)
 
 
 # ------------------------------------------------------------------------ lower
@@ -254,22 +242,22 @@ class Lowered:
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         """Merge a module from the frame's values, call it, write back what changed."""
         tree = self.tree
-        old = [_get(key) for key in tree.keys]
-        module = nnx.merge(tree.graphdef, _moved_state(tree, old), tree.params)
-        out = module(*args, **kwargs)
-        named, _ = _variables(nnx.state(module, tree.what))
-        if len(named) != len(tree.keys):
-            raise LiftValueError(
-                f"`lift.nnx.lower({tree.graphdef.type.__name__})`: the call created "
-                f"or removed variables ({len(tree.keys)} before, {len(named)} after); "
-                "lift state never changes its keys. Create every variable in "
-                "`__init__` (initialise lazily built modules before `from_nnx`)."
-            )
-        for key, before, (_, var) in zip(tree.keys, old, named, strict=True):
-            value = var.get_value()
-            if value is not before:
-                _set(key, value)
-        return out
+        label = f"`lift.nnx.lower({_type_name(tree.graphdef)})`"
+
+        def call(old: list[Any]) -> tuple[Any, list[Any]]:
+            module = nnx.merge(tree.graphdef, _moved_state(tree, old), tree.params)
+            out = module(*args, **kwargs)
+            named, _ = _variables(nnx.state(module, tree.what))
+            if len(named) != len(tree.keys):
+                raise LiftValueError(
+                    f"{label}: the call created or removed variables "
+                    f"({len(tree.keys)} before, {len(named)} after); lift state never "
+                    "changes its keys. Create every variable in `__init__` "
+                    "(initialise lazily built modules before `from_nnx`)."
+                )
+            return out, [var.get_value() for _, var in named]
+
+        return call_in_frame(tree.keys, call, label, made_by="from_nnx")
 
 
 jtu.register_pytree_with_keys(

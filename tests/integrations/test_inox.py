@@ -245,6 +245,45 @@ def test_prefix_roots_the_keys() -> None:
     ]
 
 
+def test_prefix_lets_two_exported_modules_merge() -> None:
+    # Regression: `prefix=` was ignored for the Inox keys of an exported module, so
+    # two exported modules could not be merged although the error said to pass it.
+    enc, enc_state = nn.export_state(MLP(jax.random.key(0)))
+    dec, dec_state = nn.export_state(MLP(jax.random.key(1)))
+    enc_tree, a = li.from_inox(enc, enc_state, prefix="enc")
+    dec_tree, b = li.from_inox(dec, dec_state, prefix="dec")
+    assert lift.StateKey("enc.bn.stats") in a
+    assert lift.StateKey("dec.bn.stats") in b
+    with pytest.raises(ValueError, match=r"\.bn\.stats"):
+        lift.merge_states(
+            li.from_inox(enc, enc_state)[1], li.from_inox(dec, dec_state)[1]
+        )
+    state = lift.merge_states(a, b)
+    xs = jax.random.normal(jax.random.key(2), (STEPS, BATCH, 4))
+
+    def both(x: jax.Array) -> jax.Array:
+        return li.lower(dec_tree)(li.lower(enc_tree)(x)[:, None] * jnp.ones(4))
+
+    step = lift.stateful(both)
+    ys = []
+    for x in xs:
+        y, state = step(state, x)
+        ys.append(y)
+    # Inox's own run of the same two modules, and the prefixes undone on the way back.
+    for x in xs:
+        y, enc_state = enc(x, enc_state)
+        y, dec_state = dec(y[:, None] * jnp.ones(4), dec_state)
+    assert_same(ys[-1], y)
+    enc_only = {k: v for k, v in state.items() if str(k).startswith("enc")}
+    enc_back, enc_back_state = li.to_inox(enc_tree, enc_only, prefix="enc")
+    assert enc_back.bn.stats == enc.bn.stats  # `.bn.stats` again, not `enc.bn.stats`
+    assert_same(enc_back_state, enc_state)
+    _, dec_back_state = li.to_inox(dec_tree, state, prefix="dec", strict=False)
+    assert_same(dec_back_state, dec_state)
+    with pytest.raises(ValueError, match=r"'enc\.bn\.stats'"):
+        li.to_inox(enc_tree, state, prefix="dec", strict=False)
+
+
 def test_shared_inox_key_is_one_lift_key() -> None:
     module, inox_state = nn.export_state(Moments(2))
     shared = nn.Module(a=module, b=module)
@@ -311,8 +350,10 @@ def test_unconverted_module_cannot_be_lowered() -> None:
 
 def test_to_inox_checks_keys() -> None:
     tree, state = li.from_inox(Moments(2))
-    with pytest.raises(KeyError, match="closest existing path"):
-        li.to_inox(tree, {lift.StateKey(".frist"): jnp.zeros(2)})
+    typo = {k: v for k, v in state.items() if str(k) != ".first"}
+    typo[lift.StateKey(".frist")] = state[lift.StateKey(".first")]
+    with pytest.raises(KeyError, match=r"'\.first'.*closest existing path"):
+        li.to_inox(tree, typo)
     with pytest.raises(ValueError, match=r"'\.other'"):
         li.to_inox(tree, {**state, lift.StateKey(".other"): jnp.zeros(())})
 

@@ -185,6 +185,23 @@ def test_lowered_write_is_checked() -> None:
         lift.stateful(ln.lower(tree))(state, jnp.ones(2))
 
 
+def test_lowered_call_cannot_add_variables() -> None:
+    # Regression: this error and `NnxTree`'s repr read `GraphDef.type`, which NNX's
+    # graph definitions do not have (an AttributeError instead of the message).
+    class Adds(nnx.Module):
+        def __init__(self) -> None:
+            self.n = nnx.BatchStat(jnp.zeros(2))
+
+        def __call__(self, x: jax.Array) -> jax.Array:
+            self.late = nnx.BatchStat(jnp.zeros(2))
+            return x
+
+    tree, state = ln.from_nnx(Adds())
+    assert repr(tree) == 'NnxTree(Adds, keys=[StateKey(".n")])'
+    with pytest.raises(ValueError, match=r"lower\(Adds\)`: the call created"):
+        lift.stateful(ln.lower(tree))(state, jnp.ones(2))
+
+
 class Member(nnx.Module):
     """Linear then BatchNorm; ``axis_name`` makes the statistics span a vmap."""
 
