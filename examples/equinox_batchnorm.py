@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from sklearn.datasets import load_digits
+from sklearn.model_selection import train_test_split
 
 import lift
 import lift.equinox
@@ -63,20 +64,24 @@ def train_step(tree, opt_state, images, labels):
     return eqx.apply_updates(tree, updates), opt_state, loss
 
 
-@lift.jit
-@lift.stateful
 def accuracy(tree, images, labels):
     model = lift.equinox.lower(eqx.nn.inference_mode(tree))
     logits = lift.vmap(model, axis_name="batch")(images)
     return jnp.mean(jnp.argmax(logits, -1) == labels)
 
 
+# Inference: an immutable frame, so any state write would be an error.
+evaluate = lift.jit(lift.stateful(accuracy, mutable=False))
+
+
 def main():
     digits = load_digits()
     images = (digits.images / 16.0).astype(np.float32)[:, None]  # (N, 1, 8, 8)
     labels = digits.target.astype(np.int32)
-    train_x, test_x = jnp.asarray(images[:1500]), jnp.asarray(images[1500:])
-    train_y, test_y = jnp.asarray(labels[:1500]), jnp.asarray(labels[1500:])
+    # The quickstart's split: shuffled, stratified, a quarter for testing.
+    train_x, test_x, train_y, test_y = train_test_split(
+        images, labels, test_size=0.25, random_state=0, stratify=labels
+    )
 
     model, eqx_state = eqx.nn.make_with_state(CNN)(jax.random.key(0))
     tree, state = lift.equinox.from_equinox(model, eqx_state)
@@ -92,7 +97,7 @@ def main():
         if step % max(1, STEPS // 10) == 0 or step == STEPS - 1:
             print(f"step {step:4d}  loss {float(loss):.4f}")
 
-    acc, _ = accuracy(state, tree, test_x, test_y)
+    acc, _ = evaluate(state, tree, test_x, test_y)
     print(f"test accuracy {float(acc):.3f}")
     # Back to Equinox: the same model and an `eqx.nn.State` with the trained statistics.
     model, eqx_state = lift.equinox.to_equinox(tree, state)

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from sklearn.datasets import load_digits
+from sklearn.model_selection import train_test_split
 
 import lift
 import lift.inox
@@ -84,8 +85,10 @@ def main():
     digits = load_digits()
     images = (digits.data / 16.0).astype(np.float32)
     labels = digits.target.astype(np.int32)
-    train_x, test_x = jnp.asarray(images[:1500]), jnp.asarray(images[1500:])
-    train_y, test_y = jnp.asarray(labels[:1500]), jnp.asarray(labels[1500:])
+    # The quickstart's split: shuffled, stratified, a quarter for testing.
+    train_x, test_x, train_y, test_y = train_test_split(
+        images, labels, test_size=0.25, random_state=0, stratify=labels
+    )
 
     tree, state = lift.inox.from_inox(MLP(jax.random.key(0)))
     print("state keys:", sorted(state))
