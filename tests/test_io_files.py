@@ -387,6 +387,21 @@ def test_bad_leaves_are_refused_before_anything_is_written(
     assert path.read_bytes() == before
 
 
+def test_a_value_nested_deeper_than_a_file_holds_is_refused_before_writing(tmp_path):
+    deep: Any = jnp.ones(1)
+    for _ in range(300):
+        deep = [deep]
+    with pytest.raises(LiftValueError, match="nested over 256 levels") as info:
+        save_state(tmp_path / "s", {K("['deep']"): deep})
+    assert "['deep']" in str(info.value)
+    assert os.listdir(tmp_path) == []
+    shallow: Any = jnp.ones(1)
+    for _ in range(200):
+        shallow = [shallow]
+    save_state(tmp_path / "s", {K("['ok']"): shallow})
+    assert same(load_state(tmp_path / "s")[K("['ok']")], shallow)
+
+
 def test_a_failing_save_leaves_no_stray_file(tmp_path, monkeypatch):
     def broken(file: Any, plan: Any) -> None:
         file.write(b"partial")
@@ -567,18 +582,3 @@ def test_fuzzed_files_load_exactly_or_raise_state_file_error(data):
                 assert same(value, state[key]), key
             if like is not None:
                 assert list(got) == list(state)
-
-
-def test_a_value_nested_deeper_than_a_file_holds_is_refused_before_writing(tmp_path):
-    deep: Any = jnp.ones(1)
-    for _ in range(300):
-        deep = [deep]
-    with pytest.raises(LiftValueError, match="nested over 256 levels") as info:
-        save_state(tmp_path / "s", {K("['deep']"): deep})
-    assert "['deep']" in str(info.value)
-    assert os.listdir(tmp_path) == []
-    shallow: Any = jnp.ones(1)
-    for _ in range(200):
-        shallow = [shallow]
-    save_state(tmp_path / "s", {K("['ok']"): shallow})
-    assert same(load_state(tmp_path / "s")[K("['ok']")], shallow)
