@@ -44,7 +44,7 @@ try:
 except ImportError as err:  # pragma: no cover - depends on the environment
     raise ImportError(
         "`lift.equinox` needs Equinox, which is not installed. Install it with "
-        "`pip install lift[equinox]`."
+        "`pip install 'jax-lift[equinox]'`."
     ) from err
 
 import jax.tree_util as jtu

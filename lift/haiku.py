@@ -39,7 +39,7 @@ try:
 except ImportError as err:  # pragma: no cover - depends on the environment
     raise ImportError(
         "`lift.haiku` needs Haiku, which is not installed. Install it with "
-        "`pip install lift[haiku]`."
+        "`pip install 'jax-lift[haiku]'`."
     ) from err
 
 import functools

@@ -41,7 +41,7 @@ try:
 except ImportError as err:  # pragma: no cover - depends on the environment
     raise ImportError(
         "`lift.inox` needs Inox, which is not installed. Install it with "
-        "`pip install lift[inox]`."
+        "`pip install 'jax-lift[inox]'`."
     ) from err
 
 import jax.tree_util as jtu

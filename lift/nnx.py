@@ -40,7 +40,7 @@ try:
 except ImportError as err:  # pragma: no cover - depends on the environment
     raise ImportError(
         "`lift.nnx` needs Flax (NNX), which is not installed. Install it with "
-        "`pip install lift[nnx]`."
+        "`pip install 'jax-lift[nnx]'`."
     ) from err
 
 import jax.tree_util as jtu
