@@ -330,6 +330,8 @@ def _num(x: float | None, unit: str) -> str:
         return f"{x:.0f}"
     if unit in ("instr", "instr/layer"):
         return f"{x / 1e3:.1f}k"
+    if unit == "bytes":
+        return f"{x / 1e3:.1f} kB"
     return f"{x:.3g}"
 
 

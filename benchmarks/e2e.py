@@ -325,6 +325,7 @@ def main(quick_run: bool | None = None) -> list[dict[str, Any]]:
     rounds, number = (3, 5) if q else (ROUNDS, NUMBER)
     timing = compare(trainers, rounds=rounds, number=number, warmup=3)
     rows = [throughput_row(timing, name, onepass) for name in build if name != "hand"]
+    rows += memory_rows(trainers["lift.jit"], trainers["hand"])
     # More first calls, each of a trainer built anew, in alternating order.
     again = [n for n in build if n not in ANCHORS_ONLY_IN_FULL]
     for r in range(0 if q else COMPILE_ROUNDS - 1):
@@ -339,6 +340,35 @@ def main(quick_run: bool | None = None) -> list[dict[str, Any]]:
     return rows + skipped
 
 
+def memory(trainer: Trainer) -> dict[str, int]:
+    """Bytes of the compiled step's arguments, outputs, aliases and temporaries."""
+    x, y = trainer.data[0]
+    stats = trainer.step.lower(*trainer.carry, x, y).compile().memory_analysis()
+    return {
+        what: getattr(stats, f"{what}_size_in_bytes")
+        for what in ("argument", "output", "alias", "temp")
+    }
+
+
+def memory_rows(lifted: Trainer, hand: Trainer) -> list[dict[str, Any]]:
+    """The compiled memory of lift's step and the hand-written one's (target: equal)."""
+    ours, theirs = memory(lifted), memory(hand)
+    donated = ", ".join(f"{k}={v}" for k, v in lift_jit_options().items())
+    rows = []
+    for what in ours:
+        r = row(
+            f"e2e compiled memory, {what} bytes",
+            ours[what],
+            theirs[what],
+            1.0,
+            unit="bytes",
+            note=f"memory_analysis(); lift.jit({donated}) vs donate_argnums=(0, 1, 2)",
+        )
+        r["pass"] = ours[what] == theirs[what]  # equal, not merely no more
+        rows.append(r)
+    return rows
+
+
 def throughput_row(timing: Any, name: str, onepass: dict[str, bool]) -> dict[str, Any]:
     """Steps per second of ``name`` over its baseline's, per round; median and CI."""
     base = "hand one-pass" if onepass[name] and name != "hand one-pass" else "hand"
@@ -351,7 +381,8 @@ def throughput_row(timing: Any, name: str, onepass: dict[str, bool]) -> dict[str
         TARGET if name == "lift.jit" else None,
         ratio=statistics.median(ratios),
         note=f"vs {'one' if base == 'hand one-pass' else 'two'}-pass hand-written; "
-        f"95% CI {low:.3f}-{high:.3f} over {len(ratios)} rounds",
+        f"95% CI {low:.3f}-{high:.3f} over {len(ratios)} rounds"
+        + (f"; lift.jit options {lift_jit_options()}" if name == "lift.jit" else ""),
         higher=True,
     )
     out["low"], out["high"] = low, high

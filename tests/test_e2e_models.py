@@ -80,3 +80,13 @@ def test_each_library_starts_from_the_hand_written_numbers(name):
     np.testing.assert_allclose(got[0], want[0], rtol=1e-5)
     assert np.isfinite(got[1])
     assert got[1] != got[0]  # its second step trained
+
+
+def test_lift_compiles_to_the_memory_of_the_hand_written_step_donating_alike():
+    options = e2e.lift_jit_options()
+    # Parameters and optimizer state are donated too when lift.jit accepts it.
+    donate = (0, 1, 2) if "donate_argnums" in options else (1,)
+    ours = e2e.memory(e2e.build_lift())
+    theirs = e2e.memory(e2e.build_hand(donate=donate))
+    assert ours == theirs
+    assert ours["alias"] > 0  # something is donated: the statistics at least
