@@ -47,7 +47,7 @@ class Frame:
     ``state``. ``trace`` is ``None`` once the call has returned (the frame is closed).
     """
 
-    __slots__ = ("mutable", "name", "refs", "state", "trace", "why")
+    __slots__ = ("detached", "mutable", "name", "refs", "state", "trace", "why")
 
     def __init__(
         self,
@@ -68,6 +68,10 @@ class Frame:
         self.trace: Any = TRACE.value
         # key -> [tree of references, written?], made on first use in another trace.
         self.refs: dict[Any, list[Any]] | None = None
+        # Keys read inside a function JAX traces apart (a custom_jvp's) since the
+        # frame's trace last ran: a write in a foreign trace now would make that read
+        # stale if both are in one loop body, so it is refused.
+        self.detached: dict[Any, None] | None = None
 
     def _missing(self, key: Any, what: str) -> LiftKeyError:
         return LiftKeyError(
@@ -103,6 +107,7 @@ class Frame:
         except (KeyError, TypeError):
             raise self._missing(key, "get") from None
         if TRACE.value is self.trace:
+            self.detached = None
             self._settle(key)
             return self.state[key]
         if not self.mutable:  # nothing can change: the value is a constant
@@ -110,7 +115,15 @@ class Frame:
         if (self.refs is None or key not in self.refs) and foreign_kind(
             self.trace
         ) == "detached":
-            return value  # JAX closes over it, as over any outer value
+            # JAX closes over the value, as over any outer value. Until the frame's
+            # trace runs again, the slow path watches for a write that would make it
+            # stale.
+            if self.detached is None:
+                self.detached = {}
+            self.detached[key] = None
+            if self.refs is None:
+                self.refs = {}
+            return value
         return jax.tree_util.tree_map(_deref, self._ref(key, "get")[0])
 
     def write(self, key: Any, value: Any) -> None:
@@ -146,9 +159,15 @@ class Frame:
         if self.trace is None:
             raise self._closed(key, "set")
         if TRACE.value is self.trace:
+            self.detached = None
             self._settle(key, keep=False)
             self.state[key] = value
             return
+        kind = foreign_kind(self.trace)
+        if kind is None and self.detached is not None and key in self.detached:
+            kind = "stale"
+        if kind is not None:
+            raise _unthreadable(key, "set", kind)
         entry = self._ref(key, "set")
         try:
             jax.tree_util.tree_map(_assign, entry[0], value)
@@ -189,8 +208,10 @@ class Frame:
         if self.trace is None:
             raise self._closed(next(iter(self.state), "..."), "get")
         if TRACE.value is self.trace:
+            self.detached = None
             for key in list(self.refs or ()):
                 self._settle(key)
+            self.refs = None
             return dict(self.state)
         if not self.mutable:
             return dict(self.state)
@@ -228,7 +249,7 @@ class Frame:
         """End the call: settle references and refuse any later get/set."""
         out = self.snapshot() if self.refs is not None else self.state
         self.trace = None
-        self.refs = None
+        self.refs = self.detached = None
         return out
 
 
@@ -267,6 +288,14 @@ def _foreign_write(key: Any, err: Exception) -> TraceError:
 
 def _unthreadable(key: Any, what: str, kind: str) -> TraceError:
     call = f"`lift.{what}({key!r}{', ...' if what == 'set' else ''})`"
+    if kind == "stale":
+        return TraceError(
+            f"{call} under a JAX transform lift does not own (a raw loop body, "
+            f"...), after `lift.get({key!r})` read it inside a `jax.custom_jvp` or "
+            "`jax.custom_vjp` function, which JAX traces apart: in a loop, that read "
+            "would keep seeing the value from before the loop. Read the state "
+            "before calling that function and pass it in as an argument."
+        )
     if kind == "checkpoint":
         return TraceError(
             f"{call} inside a raw `jax.checkpoint` under differentiation: JAX would "

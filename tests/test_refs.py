@@ -546,3 +546,33 @@ def test_custom_jvp_reading_state_under_lift_grad_works(model, jitted):
     g, new = (lift.jit(f) if jitted else f)(state, jnp.ones(3))
     np.testing.assert_allclose(g, [1.0, 2.0, 3.0])
     np.testing.assert_array_equal(new[tree["acc"]], [1.0, 2.0, 3.0])
+
+
+@pytest.mark.parametrize("jitted", [False, True], ids=["eager", "jit"])
+def test_custom_jvp_read_inside_a_raw_loop_that_writes_the_key_is_refused(
+    model, jitted
+):
+    # JAX traces the custom_jvp function apart: its read could not see the loop's
+    # writes and would return the pre-loop value on every iteration.
+    tree, state = model
+
+    @jax.custom_jvp
+    def current(x):
+        return x * 0 + lift.get(tree["n"])
+
+    @current.defjvp
+    def _(primals, tangents):
+        return current(primals[0]), tangents[0]
+
+    def body(c, x):
+        seen = current(x)
+        lift.set(tree["n"], lift.get(tree["n"]) + 1)
+        return c, seen
+
+    f = lift.stateful(lambda xs: lax.scan(body, 0, xs)[1])
+    with pytest.raises(lift.TraceError) as info:
+        (lift.jit(f) if jitted else f)(state, jnp.arange(3, dtype=jnp.int32))
+    msg = str(info.value)
+    assert "['n']" in msg
+    assert "custom_jvp" in msg
+    assert "pass it in as an argument" in msg
