@@ -33,11 +33,11 @@ def has(module: str) -> bool:
     return importlib.util.find_spec(module) is not None
 
 
-def require(module: str) -> None:
+def require(module: str, what: str = "this test") -> None:
     """Skip the running test unless ``module`` is installed (fail if required)."""
     if has(module):
         return
-    reason = f"needs {module}, an optional extra that is not installed"
+    reason = f"{what} needs {module}, an optional extra that is not installed"
     if os.environ.get("LIFT_REQUIRE_EXTRAS"):
         pytest.fail(f"{reason}, and LIFT_REQUIRE_EXTRAS is set")
     pytest.skip(reason)
@@ -57,7 +57,7 @@ class Case:
     def build(self) -> Any:
         """A fresh tree; skips the test when the library it needs is missing."""
         if self.needs is not None:
-            require(self.needs)
+            require(self.needs, f"corpus case {self.name!r}")
         return self.make()
 
     @property

@@ -162,3 +162,23 @@ def test_hypothesis_profile_follows_env():
     expected = {"dev": 20, "ci": 100}[os.environ.get("HYPOTHESIS_PROFILE", "dev")]
     assert settings().max_examples == expected
     assert settings().deadline is None
+
+
+def test_corpus_case_needing_a_missing_extra_skips_or_fails(monkeypatch):
+    from tests.corpus import Case
+
+    case = Case("fake", lambda: 1 / 0, (), needs="lift_no_such_extra")
+    monkeypatch.delenv("LIFT_REQUIRE_EXTRAS", raising=False)
+    with pytest.raises(pytest.skip.Exception, match="'fake' needs lift_no_such_extra"):
+        case.build()
+    monkeypatch.setenv("LIFT_REQUIRE_EXTRAS", "1")
+    with pytest.raises(pytest.fail.Exception, match="LIFT_REQUIRE_EXTRAS is set"):
+        case.build()
+
+
+def test_corpus_leaves_out_only_cases_whose_extra_is_missing():
+    from tests.corpus import CASES, CORPUS, has
+
+    left_out = [case for case in CASES.values() if case not in CORPUS]
+    assert all(case.needs and not has(case.needs) for case in left_out), left_out
+    assert {"equinox_model", "inox_net"} <= set(CASES)
