@@ -253,8 +253,7 @@ def test_docs_make_no_claim_the_benchmarks_contradict_and_install_jax_lift():
         text = path.read_text()
         assert not claim.search(text), path
         # The distribution is jax-lift: `pip install lift` installs another project.
-        if path.name != "README.md":  # the README may warn about exactly that
-            assert not re.search(r"pip install ['\"]?lift\b", text), path
+        assert not re.search(r"pip install ['\"]?lift\b", text), path
 
 
 def test_every_public_name_has_a_docstring_with_an_example():
