@@ -304,6 +304,30 @@ def test_filter_vmap_ensemble_state_is_mapped_by_lift_vmap() -> None:
 # ---------------------------------------------------------------- conversions
 
 
+def test_batchnorm_over_devices_and_batch_matches_jax_pmap() -> None:
+    # Statistics over the device axis and the vmapped axis together (issue 14). Only
+    # `mode="batch"`: in `mode="ema"` Equinox's own `jax.pmap` run fails (its
+    # `state.set` refuses the device-varying `first_time` flag), so there is nothing
+    # to compare with.
+    make = eqx.nn.make_with_state(eqx.nn.BatchNorm)
+    bn, eqx_state = make(3, ("dev", "batch"), mode="batch", momentum=0.9)
+    tree, state = le.from_equinox(bn, eqx_state)
+    xs = jax.random.normal(jax.random.key(1), (STEPS, 2, BATCH, 3))
+
+    per_device = jax.vmap(bn, axis_name="batch", in_axes=(0, None), out_axes=(0, None))
+    eqx_step = jax.pmap(
+        per_device, axis_name="dev", in_axes=(0, None), out_axes=(0, None)
+    )
+    lift_step = lift.stateful(
+        lift.pmap(lift.vmap(le.lower(tree), axis_name="batch"), "dev")
+    )
+    for x in xs:
+        y_eqx, eqx_state = eqx_step(x, eqx_state)
+        y_lift, state = lift_step(state, x)
+        assert_same(y_lift, y_eqx)
+        assert_same(state, lifted_values(tree, eqx_state))
+
+
 def test_keys_are_the_index_paths() -> None:
     model, eqx_state = eqx.nn.make_with_state(Net)(jax.random.key(0), "ema")
     tree, state = le.from_equinox(model, eqx_state)
