@@ -288,6 +288,26 @@ def test_cached_decoding_under_scan_matches_a_linen_loop() -> None:
     assert_same(ll.to_linen(state, variables), reference)
 
 
+def test_a_raw_lax_scan_around_the_lowered_apply_matches_lift_scan() -> None:
+    # A loop lift does not own (a solver's `lax.scan`): the same numbers, body run once.
+    bn = nn.BatchNorm(use_running_average=False, momentum=0.9)
+    xs = batches(4)
+    variables = bn.init(jax.random.key(0), xs[0])
+    params, state = ll.from_linen(variables)
+    apply = ll.lower(bn, variables)
+    calls = []
+
+    def raw(xs: jax.Array) -> jax.Array:
+        calls.append(None)
+        return jax.lax.scan(lambda c, x: (c, apply(params, x)), None, xs)[1]
+
+    def lifted(xs: jax.Array) -> jax.Array:
+        return lift.scan(lambda c, x: (c, apply(params, x)), None, xs)[1]
+
+    assert_same(lift.stateful(raw)(state, xs), lift.stateful(lifted)(state, xs))
+    assert len(calls) == 1
+
+
 # ------------------------------------------------------- BatchNorm over a named axis
 
 
