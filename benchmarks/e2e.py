@@ -69,7 +69,6 @@ LABELS = {
 }
 # Anchors left out of a quick run (each costs a compilation).
 ANCHORS_ONLY_IN_FULL = ("hand copy", "hand, statistics donated")
-BN_NAMES = ("stem", *(f"block{b}.conv{c}" for b in range(BLOCKS) for c in (1, 2)))
 
 
 def batches(batch: int | None = None, layout: str = "NHWC") -> list[tuple[Any, Any]]:
@@ -87,6 +86,12 @@ def batches(batch: int | None = None, layout: str = "NHWC") -> list[tuple[Any, A
         (jnp.asarray(images[i : i + batch]), jnp.asarray(labels[i : i + batch]))
         for i in range(0, len(labels) - batch + 1, batch)
     ]
+
+
+def bn_names() -> list[str]:
+    """The dotted names of the conv layers, each followed by a BatchNorm."""
+    blocks = (f"block{b}.conv{c}" for b in range(BLOCKS) for c in (1, 2))
+    return ["stem", *blocks]
 
 
 def init_params(seed: int = 0) -> dict[str, Any]:
@@ -158,7 +163,7 @@ def xent(logits: jax.Array, labels: jax.Array) -> jax.Array:
 def initial_stats() -> dict[str, jax.Array]:
     """The hand-written step's statistics: a flat dict, ``"<layer>.mean"`` keys."""
     stats = {}
-    for name in BN_NAMES:
+    for name in bn_names():
         stats[f"{name}.mean"] = jnp.zeros(CHANNELS)
         stats[f"{name}.var"] = jnp.ones(CHANNELS)
     return stats
@@ -225,7 +230,7 @@ def build_hand(
 def lift_model() -> tuple[dict[str, Any], dict[Any, jax.Array]]:
     """:func:`init_params` with each conv layer holding its two statistics as state."""
     tree = init_params()
-    for name in BN_NAMES:
+    for name in bn_names():
         layer = tree
         for part in name.split("."):
             layer = layer[part]
