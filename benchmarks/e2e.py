@@ -11,15 +11,18 @@ Every implementation starts from the same numbers (:func:`init_params`, copied i
 each library's own layers) and is the step its library's documentation would have a
 user write: the hand-written pure step (``jax.jit`` with its parameters, statistics
 and optimizer state donated, the statistics in a separate dict), lift
-(``lift.jit(lift.stateful(step), donate_state=True)``), Equinox, Flax NNX, Flax Linen,
-Haiku and Inox (in :mod:`benchmarks.e2e_libs`). Flax Linen, Flax NNX and Haiku compute
-the batch variance in one pass (E[x^2] - E[x]^2), which is cheaper than the two-pass
-formula; they are compared with a hand-written step that does the same.
+(``lift.jit(lift.stateful(step), donate_state=True)``, and ``donate_argnums=(0, 1)``
+for the model and the optimizer state where ``lift.jit`` accepts it), Equinox, Flax
+NNX, Flax Linen, Haiku and Inox (in :mod:`benchmarks.e2e_libs`). Linen, NNX and
+Haiku compute the batch variance in one pass (E[x^2] - E[x]^2), which is cheaper than
+the two-pass formula; they are compared with a hand-written step that does the same.
 
 Measures: steps per second as a ratio to the matching hand-written step (higher is
 better), all implementations timed in the same interleaved rounds, with an A/A row;
-and the time of the first call (trace, compile, run) as a ratio to the hand-written
-step's, each implementation built anew each round.
+the time of the first call (trace, compile, run) as a ratio to the hand-written
+step's, each implementation built anew each round; and the compiled memory of lift's
+step against the hand-written one's (``memory_analysis()``: argument, output, alias
+and temporary bytes, which must be equal).
 
 Run alone with ``python -m benchmarks.e2e``.
 """
