@@ -74,12 +74,13 @@ def _collections(variables: Any, collections: Any, where: str) -> list[str]:
         )
     if collections is None:
         chosen = [c for c in variables if c not in _NOT_BY_DEFAULT]
-    elif isinstance(collections, str) or not all(
+    elif not isinstance(collections, (list, tuple)) or not all(
         isinstance(c, str) for c in collections
     ):
         raise LiftTypeError(
             f"{where}(collections=...) takes a list of collection names, such as "
-            f"`['batch_stats', 'intermediates']`; got {collections!r}."
+            f"`['batch_stats', 'intermediates']`; got {type(collections).__name__}: "
+            f"{collections!r}."
         )
     else:
         chosen = list(collections)

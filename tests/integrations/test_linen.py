@@ -397,6 +397,8 @@ def test_errors_name_what_and_where() -> None:
         ll.from_linen(variables, collections=["cache"])
     with pytest.raises(TypeError, match="list of collection names"):
         ll.from_linen(variables, collections="batch_stats")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="got int"):
+        ll.from_linen(variables, collections=3)  # type: ignore[arg-type]
     missing = {k: v for k, v in state.items() if k != MEAN}
     with pytest.raises(KeyError, match=r"\['batch_stats'\]\['mean'\]"):
         ll.to_linen(missing, variables)
