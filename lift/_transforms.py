@@ -6,6 +6,7 @@ JAX transform to the pure function(s) and says how the state enters and leaves i
 
 from __future__ import annotations
 
+import inspect
 import operator
 import weakref
 from collections.abc import Callable, Hashable, Mapping, Sequence
@@ -19,7 +20,7 @@ from ._export import State, match_filters
 from ._frame import _FRAME, is_pure
 from ._keys import StateEntry, StateKey
 from ._lifting import Lifted, Pure
-from ._static import unmask
+from ._static import Static, unmask
 from ._tracing import batched_here, is_array, with_cache_miss
 
 __all__ = [
@@ -40,14 +41,25 @@ __all__ = [
 # ---------------------------------------------------------------------------- jit
 
 
-def _deleted_keys(tree: Any) -> list[str]:
+def _deleted_keys(tree: tuple) -> list[str]:
+    """Where ``tree`` holds deleted buffers, named for the user.
+
+    ``tree`` is ``(args, kwargs)`` or ``(state, args, kwargs)``: a state entry is named
+    by its key, an argument by its position or name.
+    """
     found = []
     for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
-        is_deleted = getattr(leaf, "is_deleted", None)
-        if is_deleted is not None and is_deleted():
-            # Name a state entry by its key alone, not by where the dict was passed.
-            keys = [k.key for k in path if type(getattr(k, "key", None)) is StateKey]
-            found.append(repr(str(keys[-1])) if keys else jax.tree_util.keystr(path))
+        if not _is_deleted(leaf):
+            continue
+        # Name a state entry by its key alone, not by where the dict was passed.
+        keys = [k.key for k in path if type(getattr(k, "key", None)) is StateKey]
+        rest = jax.tree_util.keystr(path[2:])
+        if keys:
+            found.append(repr(str(keys[-1])))
+        elif path[0].idx == len(tree) - 2:  # type: ignore[attr-defined]
+            found.append(f"argument {path[1].idx}{rest}")  # type: ignore[attr-defined]
+        else:
+            found.append(f"argument {path[1].key!r}{rest}")  # type: ignore[attr-defined]
     return list(dict.fromkeys(found))
 
 
@@ -59,10 +71,11 @@ def _donated_error(args: Any, err: Exception) -> Exception:
     if not where:
         return err
     return LiftValueError(
-        f"A lifted `jit` was called with state that an earlier call with "
-        f"`donate_state=True` consumed (deleted buffers at {', '.join(where[:5])}). "
-        "Use the state that call returned, not the one you passed in; to keep the old "
-        "one, copy it first (`jax.tree.map(jnp.copy, state)`) or drop `donate_state`."
+        "A lifted `jit` was called with arrays that an earlier call of a donating "
+        "lifted `jit` (`donate_state=True`, `donate_argnums`, `donate_argnames`) "
+        f"consumed: deleted buffers at {', '.join(where[:5])}. Use the state and "
+        "values that call returned, not the ones you passed in; to keep an old one, "
+        "copy it first (`jax.tree.map(jnp.copy, state)`) or do not donate it."
     )
 
 
@@ -73,12 +86,24 @@ def _raise_if_donated(err: Exception, args: Any) -> None:
         raise better from err
 
 
-def _refuse_consumed(tree: Any) -> None:
-    """Raise before dispatch if a donated buffer is reused (XLA may crash on it)."""
+def _refuse_consumed(tree: tuple) -> None:
+    """Raise before dispatch if a donated buffer is reused (XLA may crash on it).
+
+    ``tree`` is ``(args, kwargs)`` or ``(state, args, kwargs)``.
+    """
     for leaf in jax.tree_util.tree_leaves(tree):
-        is_deleted = getattr(leaf, "is_deleted", None)
-        if is_deleted is not None and is_deleted():
+        if _is_deleted(leaf):
             raise _donated_error(tree, RuntimeError("deleted"))
+
+
+def _is_deleted(leaf: Any) -> bool:
+    # A tracer (a lifted jit called while tracing) has no buffer to check.
+    is_deleted = getattr(leaf, "is_deleted", None)
+    return (
+        is_deleted is not None
+        and not isinstance(leaf, jax.core.Tracer)
+        and is_deleted()
+    )
 
 
 def _unshare(tree: Any) -> Any:
@@ -145,7 +170,11 @@ class _Jit(Lifted):
     __call__ = property(operator.attrgetter("_call"))  # type: ignore[assignment]
 
     def __init__(
-        self, f: Callable[..., Any], donate_state: bool, options: dict
+        self,
+        f: Callable[..., Any],
+        donate_state: bool,
+        donated: tuple[tuple[int, ...], tuple[int, ...], tuple[str, ...]],
+        options: dict,
     ) -> None:
         self._jitted: dict[Pure, Callable[..., Any]] = {}
         self._options = options
@@ -153,21 +182,47 @@ class _Jit(Lifted):
         self._f = f
         self._static = False  # a call had a non-array leaf: misses go general
         super().__init__((f,), self._run, name="jit")
+        # At top level the state is the first argument (of a pure function, or given
+        # to be donated); the user's argument positions count from after it.
+        self._state_first = int(is_pure(f) or donate_state)
+        self._top_nums, self._frame_nums, self._names = donated
+        self._donates = donate_state or any(donated)
         plain = jax.jit(
-            self._plain, donate_argnums=(0,) if donate_state else (), **options
+            self._plain,
+            donate_argnums=self._donated_positions(0, self._state_first),
+            donate_argnames=self._names,
+            **options,
         )
+        self._plain_jit = plain
         self._fast = with_cache_miss(plain, self._miss, like=f)
         self._call: Callable[..., Any] = (
             self._general if self._fast is None else self._checked
         )
-        if donate_state:
+        if self._donates:
             _donation_starts()
         elif not _DONATING[0]:
             _UNCHECKED.add(self)
 
+    def _donated_positions(self, state_at: int, first_arg: int) -> tuple[int, ...]:
+        """``jax.jit``'s donated positions, the state at ``state_at``.
+
+        The user's arguments start at ``first_arg``.
+        """
+        nums = self._frame_nums if _FRAME.get() is not None else self._top_nums
+        state = (state_at,) if self._donate else ()
+        return state + tuple(first_arg + i for i in nums)
+
+    def lower(self, *args: Any, **kwargs: Any) -> Any:
+        """``jax.jit``'s ``lower`` of a top-level call (``jax.stages.Lowered``).
+
+        The program the fast path runs for these arguments, with the same donation:
+        ``.compile().memory_analysis()`` and ``.as_text()`` inspect it.
+        """
+        return self._plain_jit.lower(*args, **kwargs)
+
     def handed_out(self) -> Callable[..., Any]:
         """What :func:`jit` returns: ``jax.jit``'s own function where it can."""
-        if self._fast is not None and is_pure(self._f) and not self._donate:
+        if self._fast is not None and is_pure(self._f) and not self._donates:
             return self._fast
         return self
 
@@ -182,7 +237,7 @@ class _Jit(Lifted):
         ):
             try:
                 out, fastpath, rebuild = jax_miss(*args, **kwargs)
-                if _DONATING[0] and not self._donate:
+                if _DONATING[0] and not self._donates:
                     # Cached in C++, a later call would skip the check above.
                     return out, None, False
                 return out, fastpath, rebuild
@@ -212,23 +267,20 @@ class _Jit(Lifted):
     ) -> Any:
         if _DONATING[0]:
             _refuse_consumed((state, args, kwargs))
-        if self._donate:
-            if _FRAME.get() is None:
-                args = (_unshare(args[0]), *args[1:]) if args else args
-            else:
-                state = _unshare(state)
+        if self._donates:
+            state, args, kwargs = _unshare((state, args, kwargs))
         fn = self._jitted.get(pures[0])
         if fn is None:
-            if self._donate and _FRAME.get() is None:
-                # At top level the state is the pure function's first argument.
-                fn = jax.jit(
-                    lambda s, *a, **k: pures[0](s, *a, **k),
-                    donate_argnums=(1,),
-                    **self._options,
-                )
-            else:
-                donate = (0,) if self._donate else ()
-                fn = jax.jit(pures[0], donate_argnums=donate, **self._options)
+            # The pure function's state comes first; at top level it is empty and the
+            # user's state (if any) is the next argument.
+            top = _FRAME.get() is None
+            donate = self._donated_positions(int(top), 1 + top * self._state_first)
+            fn = jax.jit(
+                pures[0],
+                donate_argnums=donate,
+                donate_argnames=self._names,
+                **self._options,
+            )
             self._jitted[pures[0]] = fn
         return fn(state, *args, **kwargs)
 
@@ -237,8 +289,8 @@ class _Jit(Lifted):
             return self._general(*args, **kwargs)
         if _DONATING[0]:
             _refuse_consumed((args, kwargs))
-        if self._donate and args:
-            args = (_unshare(args[0]), *args[1:])
+        if self._donates:
+            args, kwargs = _unshare((args, kwargs))
         try:
             return self._fast(*args, **kwargs)  # type: ignore[misc]
         except (RuntimeError, ValueError) as err:
@@ -257,24 +309,86 @@ class _Fallback(Exception):
     pass
 
 
+def _donated_args(
+    f: Callable[..., Any], argnums: Any, argnames: Any, donate_state: bool
+) -> tuple[tuple[int, ...], tuple[int, ...], tuple[str, ...]]:
+    """The user's donated argument positions (at top level, in a frame) and names.
+
+    As in :func:`jax.jit`, a position also donates its parameter when passed by name,
+    and a name its position, as far as ``f``'s signature tells. Positions count the
+    user's arguments, state aside: at top level a function made by
+    :func:`lift.stateful` (or any, with ``donate_state``) takes the state first.
+    """
+    nums = (argnums,) if isinstance(argnums, int) else argnums
+    names = (argnames,) if isinstance(argnames, str) else argnames
+    try:
+        nums = tuple(operator.index(i) for i in nums or ())
+        names = tuple(names or ())
+    except TypeError:
+        nums, names = None, ()
+    if nums is None or not all(isinstance(n, str) for n in names):
+        raise LiftTypeError(
+            "`lift.jit`: `donate_argnums` takes an int or a sequence of ints "
+            "(positions of the function's arguments, the state not counted) and "
+            "`donate_argnames` a str or a sequence of strs; got "
+            f"donate_argnums={argnums!r}, "
+            f"donate_argnames={argnames!r}. Donate the state with `donate_state=True`."
+        )
+    if any(i < 0 for i in nums):
+        raise LiftValueError(
+            f"`lift.jit`: donate_argnums={argnums!r} has a negative position; give "
+            "positions from the first argument on (0, 1, ...), the state not counted."
+        )
+    try:
+        params = list(inspect.signature(f).parameters.values())
+    except (TypeError, ValueError):  # no signature: names and positions stay apart
+        params = []
+    positional = [
+        p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+    ]
+    keyword = {
+        p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+    }
+
+    def resolve(skip: int) -> tuple[tuple[int, ...], set[str]]:
+        by_name = positional[skip:]
+        more = {by_name.index(n) for n in names if n in by_name}
+        named = {by_name[i] for i in nums if i < len(by_name) and by_name[i] in keyword}
+        return tuple(sorted({*nums, *more})), named
+
+    # At top level a function not made by `stateful` but donating its state names it
+    # as its first parameter; in a frame it has no state parameter.
+    top, top_named = resolve(int(donate_state and not is_pure(f)))
+    frame, frame_named = resolve(0)
+    return top, frame, tuple(dict.fromkeys([*names, *top_named, *frame_named]))
+
+
 def jit(
     f: Callable[..., Any] | None = None,
     /,
     *,
     donate_state: bool = False,
+    donate_argnums: int | Sequence[int] | None = None,
+    donate_argnames: str | Sequence[str] | None = None,
     **jit_kwargs: Any,
 ) -> Any:
     """:func:`jax.jit` that threads state; non-array leaves of the arguments are static.
 
     Inside a frame, the frame's state goes in and out of the compiled function. At top
-    level it compiles ``f`` as it is, typically a pure ``lift.stateful(step)``; calls
-    whose leaves are all arrays cost what ``jax.jit`` costs.
+    level it compiles ``f`` as it is, typically a pure ``lift.stateful(step)``, and a
+    call whose leaves are all arrays is ``jax.jit``'s own C++ dispatch.
 
     Args:
         f: the function; ``lift.jit(donate_state=True)`` without it gives a decorator.
         donate_state: donate the state's buffers to the computation: inside a frame the
             frame's state, at top level the first argument. Reusing a donated state is
             an error.
+        donate_argnums: positions of the arguments to donate, as in :func:`jax.jit`,
+            counting the user's arguments with the state aside: for
+            ``lift.jit(lift.stateful(step), donate_argnums=0)`` called as
+            ``step(state, params, x)``, position 0 is ``params``. Reusing a donated
+            argument is an error.
+        donate_argnames: names of the arguments to donate, as in :func:`jax.jit`.
         **jit_kwargs: passed to :func:`jax.jit` (``in_shardings``, ``out_shardings``,
             ``keep_unused``, ...).
 
@@ -290,21 +404,32 @@ def jit(
         >>> out, state = step(state, jnp.ones(()))
         >>> out, state[tree["n"]]
         (Array(2., dtype=float32), Array(1., dtype=float32))
+
+        Donating the state and the parameters, as a training step does:
+
+        >>> def train(w, x):
+        ...     lift.set(tree["n"], lift.get(tree["n"]) + 1)
+        ...     return w - x
+        >>> update = lift.jit(
+        ...     lift.stateful(train), donate_state=True, donate_argnums=0
+        ... )
+        >>> w = jnp.ones(3)
+        >>> new_w, state = update(state, w, jnp.ones(3))
+        >>> new_w, w.is_deleted()
+        (Array([0., 0., 0.], dtype=float32), True)
     """
-    for bad in (
-        "static_argnums",
-        "static_argnames",
-        "donate_argnums",
-        "donate_argnames",
-    ):
+    for bad in ("static_argnums", "static_argnames"):
         if bad in jit_kwargs:
             raise LiftTypeError(
                 f"`lift.jit` does not take `{bad}`: non-array arguments are static "
-                "automatically, and state is donated with `donate_state=True`."
+                "automatically."
             )
-    if f is None:
-        return lambda g: _Jit(g, donate_state, jit_kwargs).handed_out()
-    return _Jit(f, donate_state, jit_kwargs).handed_out()
+
+    def make(g: Callable[..., Any]) -> Any:
+        donated = _donated_args(g, donate_argnums, donate_argnames, donate_state)
+        return _Jit(g, donate_state, donated, jit_kwargs).handed_out()
+
+    return make if f is None else make(f)
 
 
 # --------------------------------------------------------------------------- vmap
@@ -751,7 +876,6 @@ def value_and_grad(
         (f,),
         _vg_run(argnums, has_aux, holomorphic, allow_int, "value_and_grad"),
         name="value_and_grad",
-        keep_scalars=True,
     )
 
 
@@ -768,6 +892,14 @@ def _vg_run(
 
     def run(pures: Sequence[Pure], state: State, *args: Any, **kwargs: Any) -> Any:
         _refuse_state(args, nums, what)
+        # A Python number differentiated as a whole argument is an input, as in JAX;
+        # numbers inside trees (a module's hyperparameters) stay static.
+        args = tuple(
+            jax.numpy.asarray(a.value)
+            if i in nums and type(a) is Static and type(a.value) in (float, complex)
+            else a
+            for i, a in enumerate(args)
+        )
 
         def loss(*args: Any) -> Any:
             out, new = pures[0](state, *args, **kwargs)
@@ -811,7 +943,6 @@ def grad(
         (f,),
         _vg_run(argnums, has_aux, holomorphic, allow_int, "grad", values=False),
         name="grad",
-        keep_scalars=True,
     )
 
 

@@ -339,7 +339,7 @@ def _():
 
 @misuse("jit-donate-argnums", TypeError, "donate_argnums", "donate_state")
 def _():
-    lift.jit(lambda x: x, donate_argnums=0)
+    lift.jit(lambda x: x, donate_argnums="x")
 
 
 @misuse("jit-donated-state-reused", ValueError, COUNT, "donate_state")

@@ -477,6 +477,86 @@ def test_jit_donate_state_inside_frame_reuse_raises(model):
         run(state, jnp.ones(3))
 
 
+def _sgd(tree, w, x):
+    """A step whose parameters ``w`` come back updated: ``w - x`` and a tick."""
+    tick(tree)
+    return w - x
+
+
+@pytest.mark.parametrize(
+    ("donate", "call"),
+    [
+        ({"donate_argnums": 0}, "positional"),
+        ({"donate_argnums": 0}, "keyword"),
+        ({"donate_argnames": "w"}, "positional"),
+        ({"donate_argnames": "w"}, "keyword"),
+    ],
+)
+def test_jit_donate_argnums_top_level_counts_user_arguments(model, donate, call):
+    # Positions and names are those of the user's function: the state aside.
+    tree, state = model
+    step = lift.jit(
+        lift.stateful(lambda w, x: _sgd(tree, w, x)), donate_state=True, **donate
+    )
+    w, x = jnp.ones(3), jnp.ones(3)
+    args, kwargs = ((w, x), {}) if call == "positional" else ((), {"w": w, "x": x})
+    new_w, new = step(state, *args, **kwargs)
+    assert_close(new_w, np.zeros(3))
+    assert int(new[tree["n"]]) == 1
+    assert w.is_deleted()
+    assert not x.is_deleted()
+    assert state[tree["n"]].is_deleted()
+    # Reusing the donated parameters: lift's error, naming the argument.
+    with pytest.raises(lift.LiftValueError) as info:
+        step(new, *args, **kwargs)
+    where = "argument 1" if call == "positional" else "argument 'w'"
+    assert where in str(info.value)
+    assert "donate_argnums" in str(info.value)
+    # The returned values are live.
+    newer_w, _ = step(new, new_w, x)
+    assert_close(newer_w, -np.ones(3))
+
+
+def test_jit_donate_argnums_without_state():
+    step = lift.jit(lambda w, x: w - x, donate_argnums=(0,))
+    w = jnp.ones(3)
+    assert_close(step(w, jnp.ones(3)), np.zeros(3))
+    assert w.is_deleted()
+    with pytest.raises(lift.LiftValueError, match=r"donat.*argument 0"):
+        step(w, jnp.ones(3))
+
+
+def test_jit_donate_argnums_inside_a_frame(model):
+    tree, state = model
+    step = lift.jit(lambda w, x: _sgd(tree, w, x), donate_argnums=0)
+    w = jnp.ones(3)
+
+    def outer(w, x):
+        return step(w, x)
+
+    new_w, new = lift.stateful(outer)(state, w, jnp.ones(3))
+    assert_close(new_w, np.zeros(3))
+    assert int(new[tree["n"]]) == 1
+    assert not state[tree["n"]].is_deleted()  # the state was not donated
+    assert w.is_deleted()
+    with pytest.raises(lift.LiftValueError, match=r"donat.*argument 0"):
+        lift.stateful(outer)(new, w, jnp.ones(3))
+
+
+@pytest.mark.parametrize(
+    ("options", "error"),
+    [
+        ({"donate_argnums": "w"}, lift.LiftTypeError),
+        ({"donate_argnums": 1.0}, lift.LiftTypeError),
+        ({"donate_argnames": [0]}, lift.LiftTypeError),
+        ({"donate_argnums": -1}, lift.LiftValueError),
+    ],
+)
+def test_jit_donate_argnums_bad_values(options, error):
+    with pytest.raises(error, match="donate_arg"):
+        lift.jit(lambda w: w, **options)
+
+
 # ------------------------------------------------------------------------ vmap
 
 
