@@ -14,6 +14,7 @@ from typing import Any
 
 import jax
 from jax import lax
+from jax.core import Tracer
 
 from ._errors import LiftTypeError, LiftValueError, describe
 from ._export import State, match_filters
@@ -101,7 +102,7 @@ def _is_deleted(leaf: Any) -> bool:
     is_deleted = getattr(leaf, "is_deleted", None)
     return (
         is_deleted is not None
-        and not isinstance(leaf, jax.core.Tracer)
+        and not isinstance(leaf, Tracer)
         and is_deleted()
     )
 
