@@ -12,14 +12,20 @@ It does three things:
 - registers the hypothesis profiles ``dev`` and ``ci`` (``HYPOTHESIS_PROFILE``);
 - skips collecting modules that need an optional extra which is not installed
   (``lift/equinox.py`` without Equinox, ``tests/integrations/test_inox.py``
-  without Inox, ...). Set ``LIFT_REQUIRE_EXTRAS=1`` to make a missing extra an
-  error instead; ``scripts/test.sh`` does, so CI never drops tests silently.
+  without Inox, ...), and skips any other test module or test that fails to
+  import a module of an optional extra which is not installed (``optax`` for the
+  benchmarks' models, ...), naming it. Set ``LIFT_REQUIRE_EXTRAS=1`` to make a
+  missing extra an error instead; ``scripts/test.sh`` does, so CI never drops
+  tests silently (and runs the core suite once without extras, so a test that
+  needs one but cannot skip is caught).
 """
 
 from __future__ import annotations
 
 import importlib.util
 import os
+import re
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -66,6 +72,13 @@ OPTIONAL: dict[str, str] = {
     "orbax": "orbax.checkpoint",
     "testing": "hypothesis",
 }
+
+# Top-level modules that only optional extras install: a test that fails to import
+# one of these while it is not installed is skipped (see `_optional_missing`).
+OPTIONAL_MODULES = frozenset(
+    ({module.split(".")[0] for module in OPTIONAL.values()} - {"hypothesis"})
+    | {"optax", "sklearn", "matplotlib", "tqdm"}
+)
 
 _ROOT = Path(__file__).parent
 _OPTIONAL_DIRS = (_ROOT / "lift", _ROOT / "tests" / "integrations")
@@ -118,6 +131,49 @@ def pytest_configure(config: pytest.Config) -> None:
 def pytest_ignore_collect(collection_path: Path, config: pytest.Config) -> bool | None:
     """Skip modules whose optional extra is not installed."""
     return True if collection_path in MISSING else None
+
+
+_NO_MODULE = re.compile(r"No module named '([\w.]+)'")
+
+
+def _optional_missing(text: str) -> str | None:
+    """The missing optional module that the error ``text`` reports, if any."""
+    if os.environ.get("LIFT_REQUIRE_EXTRAS"):
+        return None
+    for name in _NO_MODULE.findall(text):
+        top = name.split(".")[0]
+        if top in OPTIONAL_MODULES and not _importable(top):
+            return top
+    return None
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_make_collect_report(collector: pytest.Collector) -> Iterator[None]:
+    """A test module that cannot import an optional extra's module is skipped."""
+    report = yield
+    if report.failed:
+        module = _optional_missing(str(report.longrepr))
+        if module is not None:
+            report.outcome = "skipped"
+            report.longrepr = (str(collector.path), None, f"Skipped: needs {module}")
+    return report
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Iterator[None]:
+    """A test that fails importing an optional extra's module is skipped."""
+    report = yield
+    if report.failed and call.excinfo is not None:
+        error = call.excinfo.value
+        if isinstance(error, ModuleNotFoundError):
+            module = _optional_missing(str(error))
+            if module is not None:
+                path, line, _ = item.location
+                report.outcome = "skipped"
+                report.longrepr = (path, (line or 0) + 1, f"Skipped: needs {module}")
+    return report
 
 
 def pytest_report_header(config: pytest.Config) -> list[str]:

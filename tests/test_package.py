@@ -182,3 +182,24 @@ def test_corpus_leaves_out_only_cases_whose_extra_is_missing():
     left_out = [case for case in CASES.values() if case not in CORPUS]
     assert all(case.needs and not has(case.needs) for case in left_out), left_out
     assert {"equinox_model", "inox_net"} <= set(CASES)
+
+
+def test_a_missing_optional_module_skips_unless_extras_are_required(monkeypatch):
+    # The root conftest turns "No module named 'optax'" (an extra's module, not
+    # installed) into a skip, and leaves every other import error an error.
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "_root_conftest", ROOT / "conftest.py"
+    )
+    assert spec is not None
+    assert spec.loader is not None
+    root = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(root)
+    monkeypatch.setattr(root, "_importable", lambda module: module != "optax")
+    monkeypatch.delenv("LIFT_REQUIRE_EXTRAS", raising=False)
+    assert root._optional_missing("No module named 'optax.contrib'") == "optax"
+    assert root._optional_missing("No module named 'equinox'") is None  # installed
+    assert root._optional_missing("No module named 'optaxx'") is None  # no extra's
+    monkeypatch.setenv("LIFT_REQUIRE_EXTRAS", "1")
+    assert root._optional_missing("No module named 'optax'") is None
