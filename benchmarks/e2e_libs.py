@@ -2,10 +2,14 @@
 
 Each is written with the library's own layers (its convolution, its BatchNorm with
 momentum 0.9 and no scale or offset, its dense layer) and state mechanism, and starts
-from :func:`benchmarks.e2e.init_params`, copied into its layers. Where the library's
-``jit`` or ``jax.jit`` takes a donation option, parameters, statistics and optimizer
-state are donated, as in the hand-written step. Flax (Linen and NNX) and Haiku compute
-BatchNorm's variance in one pass; Equinox and Inox in two.
+from :func:`benchmarks.e2e.init_params`, copied into its layers. Parameters,
+statistics and optimizer state are donated, as in the hand-written step
+(``eqx.filter_jit(donate="all")``, ``nnx.jit(donate_argnums=...)``, ``jax.jit``'s
+``donate_argnums``), except under ``inox.jit``, which has no such option. Flax (Linen
+and NNX) and Haiku compute BatchNorm's variance in one pass; Equinox and Inox in two.
+Equinox's BatchNorm (``mode="batch"``) also counts its updates and Haiku's keeps a
+zero-debiased average: their statistics differ from the others' after the first step,
+not the computation of a training step.
 """
 
 from __future__ import annotations
