@@ -8,8 +8,8 @@ statistics and optimizer state are donated, as in the hand-written step
 ``donate_argnums``), except under ``inox.jit``, which has no such option. Flax (Linen
 and NNX) and Haiku compute BatchNorm's variance in one pass; Equinox and Inox in two.
 Equinox's BatchNorm (``mode="batch"``) also counts its updates and Haiku's keeps a
-zero-debiased average: their statistics differ from the others' after the first step,
-not the computation of a training step.
+zero-debiased average: a little more work per step, and running statistics that differ
+from the others' after the first step (the losses do not depend on them).
 """
 
 from __future__ import annotations
