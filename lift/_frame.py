@@ -28,7 +28,7 @@ from ._errors import (
 )
 from ._export import State, check_value
 from ._keys import StateEntry, StateKey
-from ._tracing import TRACE, dead_tracer, foreign_kind, in_trace
+from ._tracing import RETIRED, TRACE, dead_tracer, foreign_kind, in_trace, retire
 
 __all__ = ["Frame", "current_frame", "get", "is_pure", "lower", "set", "stateful"]
 
@@ -196,8 +196,10 @@ class Frame:
         if refs is None:
             return
         entry = refs.pop(key, None)
-        if entry is not None and entry[1] and keep:
-            self.state[key] = jax.tree_util.tree_map(_deref, entry[0])
+        if entry is not None:
+            if entry[1] and keep:
+                self.state[key] = jax.tree_util.tree_map(_deref, entry[0])
+            jax.tree_util.tree_map(retire, entry[0])
         if not refs:
             self.refs = None
 
@@ -283,6 +285,17 @@ def _foreign_write(key: Any, err: Exception) -> TraceError:
         f"inside a JAX transform lift does not own ({type(err).__name__}: "
         f"{str(err).split('. ')[0]}). Use lift's transform in its place (`lift.vmap`, "
         "`lift.grad`, `lift.checkpoint`, ...), so the state flows through it."
+    )
+
+
+def _cached_reference(name: str, err: RuntimeError) -> TraceError:
+    return TraceError(
+        f"{name}: JAX ran a function compiled in an earlier call (JAX said: "
+        f"{str(err).splitlines()[0]}). A raw `jax.jit` (or another cached JAX "
+        "function) that uses `lift.get`/`lift.set` keeps the state of the call it was "
+        "first traced in, and that call has returned: JAX reuses the compiled code "
+        "for the same Python function, even through a new `jax.jit(f)`. Use "
+        "`lift.jit` in its place; it threads each call's state."
     )
 
 
@@ -428,8 +441,15 @@ def run_in_frame(
     try:
         out = f(*args, **kwargs)
         new = frame.close()
+    except RuntimeError as err:
+        if RETIRED[0] and "has been deleted" in str(err):
+            raise _cached_reference(name, err) from err
+        raise
     finally:
         _FRAME.reset(token)
+        if frame.refs:  # `f` raised: drop its references as a return would
+            for entry in frame.refs.values():
+                jax.tree_util.tree_map(retire, entry[0])
         frame.trace = frame.refs = None
     if type(out) is GeneratorType:
         out = _in_closed_frame(out, frame)  # type: ignore[assignment]

@@ -16,6 +16,7 @@ from jax._src.interpreters import ad as _ad
 from jax.extend.core import get_opaque_trace_state
 
 __all__ = [
+    "RETIRED",
     "TRACE",
     "batched_here",
     "dead_tracer",
@@ -23,6 +24,7 @@ __all__ = [
     "get_opaque_trace_state",
     "in_trace",
     "is_array",
+    "retire",
     "with_cache_miss",
 ]
 
@@ -91,6 +93,28 @@ def dead_tracer(x: Any) -> bool:
 
 
 _UNKNOWN = object()
+
+
+def retire(ref: Any) -> None:
+    """Free an eager array reference's buffer once its value has been read back.
+
+    A raw ``jax.jit`` that read or wrote state caches the reference it closed over; if
+    it is called again in a later frame, it must fail loudly on the freed buffer
+    rather than read or write a frame that has moved on.
+    """
+    if isinstance(ref, _core.Tracer):
+        return
+    buf = getattr(getattr(ref, "_refs", None), "_buf", None)
+    delete = getattr(buf, "delete", None)
+    if delete is not None:
+        delete()
+        RETIRED[0] = True
+
+
+# Whether any reference was retired in this process: only then can JAX's "Array has
+# been deleted" come from one.
+RETIRED = [False]
+
 
 _AD_TRACES = tuple(
     t

@@ -8,6 +8,7 @@ user's Python body runs once per call.
 
 from __future__ import annotations
 
+import functools
 from types import SimpleNamespace
 
 import jax
@@ -576,3 +577,32 @@ def test_custom_jvp_read_inside_a_raw_loop_that_writes_the_key_is_refused(
     assert "['n']" in msg
     assert "custom_jvp" in msg
     assert "pass it in as an argument" in msg
+
+
+def _module_level_body(tree, x):
+    lift.set(tree["acc"], lift.get(tree["acc"]) + x)
+    return jnp.sum(lift.get(tree["acc"]))
+
+
+@pytest.mark.parametrize("rewrap", [False, True], ids=["one-jit", "new-jit-per-call"])
+def test_a_cached_raw_jit_using_state_fails_loudly_in_a_later_call(model, rewrap):
+    # JAX reuses the code it compiled for a function, with the array references of the
+    # first call closed over: a later call must not read or write that call's state.
+    tree, state = model
+    body = functools.partial(_module_level_body, tree)
+    once = jax.jit(body)
+    f = lift.stateful(lambda x: (jax.jit(body) if rewrap else once)(x))
+    out, s1 = f(state, jnp.ones(3))
+    assert float(out) == 3.0
+    np.testing.assert_array_equal(s1[tree["acc"]], np.ones(3))
+    with pytest.raises(lift.TraceError) as info:
+        f(s1, jnp.ones(3))
+    msg = str(info.value)
+    assert "lift.jit" in msg
+    assert "earlier call" in msg
+    np.testing.assert_array_equal(s1[tree["acc"]], np.ones(3))  # never written
+    # lift.jit in its place threads each call's state
+    g = lift.stateful(lift.jit(body))
+    _, t1 = g(state, jnp.ones(3))
+    _, t2 = g(t1, jnp.ones(3))
+    np.testing.assert_array_equal(t2[tree["acc"]], 2 * np.ones(3))
