@@ -49,7 +49,7 @@ except ImportError as err:  # pragma: no cover - depends on the environment
 
 import jax.tree_util as jtu
 
-from ._convert import call_in_frame, check_prefix, check_state, take
+from ._convert import call_in_frame, check_prefix, check_state, take, unpack
 from ._errors import LiftKeyError, LiftTypeError, LiftValueError
 from ._export import State as LiftState
 from ._keys import StateKey
@@ -280,19 +280,14 @@ class Lowered(eqx.Module):
         label = f"`lift.equinox.lower({type(self.model).__name__})`"
 
         def call(old: list[Any]) -> tuple[Any, list[Any]]:
-            result = self.model(*args, _make_state(markers, old), **kwargs)
-            if not (
-                isinstance(result, tuple)
-                and len(result) == 2
-                and isinstance(result[1], _EqxState)
-            ):
-                raise LiftValueError(
-                    f"{label}: the model must return `(output, state)` with an "
-                    "`eqx.nn.State`, as Equinox's stateful layers do; it returned "
-                    f"{type(result).__name__}. Return the state the model's stateful "
-                    "layers gave back."
-                )
-            out, new_state = result
+            out, new_state = unpack(
+                self.model(*args, _make_state(markers, old), **kwargs),
+                _EqxState,
+                label,
+                must="the model must return `(output, state)` with an "
+                "`eqx.nn.State`, as Equinox's stateful layers do",
+                fix="Return the state the model's stateful layers gave back.",
+            )
             new = _read_state(new_state, "`lift.equinox.lower`")
             if new.keys() != set(markers):
                 raise LiftValueError(

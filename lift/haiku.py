@@ -44,7 +44,7 @@ except ImportError as err:  # pragma: no cover - depends on the environment
 
 import functools
 
-from ._convert import call_in_frame, check_prefix, check_state, take
+from ._convert import call_in_frame, check_prefix, check_state, take, unpack
 from ._errors import LiftTypeError, LiftValueError
 from ._export import State as LiftState
 from ._keys import StateKey
@@ -196,14 +196,14 @@ def lower(
             hk_state: dict[str, dict[str, Any]] = {}
             for (module, name), value in zip(names, old, strict=True):
                 hk_state.setdefault(module, {})[name] = value
-            result = apply(params, hk_state, *args, **kwargs)
-            if not (isinstance(result, tuple) and len(result) == 2):
-                raise LiftValueError(
-                    f"{label}: `apply` must return `(out, state)` as "
-                    "`hk.transform_with_state` makes it; got "
-                    f"{type(result).__name__}."
-                )
-            out, new = result
+            out, new = unpack(
+                apply(params, hk_state, *args, **kwargs),
+                object,
+                label,
+                must="`apply` must return `(out, state)` as "
+                "`hk.transform_with_state` makes it",
+                fix="Pass `transformed.apply`.",
+            )
             got = [(module, name) for module, name, _ in _items(new, label)]
             if got != names:
                 added = sorted(set(got) ^ set(names))[:3]

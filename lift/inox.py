@@ -46,7 +46,7 @@ except ImportError as err:  # pragma: no cover - depends on the environment
 
 import jax.tree_util as jtu
 
-from ._convert import call_in_frame, check_prefix, check_state, take
+from ._convert import call_in_frame, check_prefix, check_state, take, unpack
 from ._errors import LiftKeyError, LiftTypeError, LiftValueError, closest
 from ._export import State as LiftState
 from ._keys import StateKey
@@ -263,19 +263,14 @@ class Lowered(inn.Module):
 
         def call(values: list[Any]) -> tuple[Any, list[Any]]:
             old = dict(zip(keys, values, strict=True))
-            result = self.module(*args, old, **kwargs)
-            if not (
-                isinstance(result, tuple)
-                and len(result) == 2
-                and isinstance(result[1], Mapping)
-            ):
-                raise LiftValueError(
-                    f"{label}: the module must return `(output, state)` with a state "
-                    "dict, as Inox's stateful modules do; it returned "
-                    f"{type(result).__name__}. Return the state its stateful layers "
-                    "gave back."
-                )
-            out, new = result
+            out, new = unpack(
+                self.module(*args, old, **kwargs),
+                Mapping,
+                label,
+                must="the module must return `(output, state)` with a state dict, "
+                "as Inox's stateful modules do",
+                fix="Return the state its stateful layers gave back.",
+            )
             extra = [k for k in new if k not in old]
             if extra:
                 raise LiftValueError(

@@ -51,7 +51,7 @@ import functools
 
 import jax.tree_util as jtu
 
-from ._convert import call_in_frame, check_prefix, check_state, take
+from ._convert import call_in_frame, check_prefix, check_state, take, unpack
 from ._errors import FrameError, LiftTypeError, LiftValueError
 from ._export import State as LiftState
 from ._frame import current_frame
@@ -325,17 +325,14 @@ def lower(
                     return apply(variables, *args, mutable=False, **kwargs), old
                 except flax.errors.ModifyScopeVariableError as err:
                     raise _immutable_write(err, label, layout.prefix) from err
-            result = apply(variables, *args, mutable=layout.collections, **kwargs)
-            if not (
-                isinstance(result, tuple)
-                and len(result) == 2
-                and isinstance(result[1], Mapping)
-            ):
-                raise LiftValueError(
-                    f"{label}: `apply(..., mutable=[...])` must return `(out, "
-                    f"variables)` as Linen's does; got {type(result).__name__}."
-                )
-            out, updated = result
+            out, updated = unpack(
+                apply(variables, *args, mutable=layout.collections, **kwargs),
+                Mapping,
+                label,
+                must="`apply(..., mutable=[...])` must return `(out, variables)` as "
+                "Linen's `apply` does",
+                fix="Pass a Linen module or its `apply`.",
+            )
             return out, _new_values(layout, updated, old, label)
 
         return call_in_frame(layout.keys, call, label, made_by="from_linen")

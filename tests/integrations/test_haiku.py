@@ -153,6 +153,17 @@ def test_lowered_apply_cannot_add_state() -> None:
         lift.stateful(lh.lower(f.apply, {}))({}, {}, jnp.ones(()))
 
 
+def test_lowered_apply_must_return_the_same_state() -> None:
+    like = {"m": {"n": jnp.zeros(())}}
+    state = lh.from_haiku(like)
+    not_a_pair = lh.lower(lambda params, hk_state, x: x, like)
+    with pytest.raises(ValueError, match=r"must return `\(out, state\)`"):
+        lift.stateful(not_a_pair)(state, {}, jnp.ones(()))
+    renamed = lh.lower(lambda params, hk_state, x: (x, {"m": {"k": x}}), like)
+    with pytest.raises(ValueError, match=r"\['m'\]\['k'\].*never added silently"):
+        lift.stateful(renamed)(state, {}, jnp.ones(()))
+
+
 def test_ensemble_under_vmap_matches_haiku_under_jax_vmap() -> None:
     # Four members, each with its own parameters and state, on the same batch.
     f = hk.transform_with_state(net)
