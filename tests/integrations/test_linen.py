@@ -344,6 +344,23 @@ def test_batchnorm_over_a_named_axis_matches_jax_vmap() -> None:
     assert not np.array_equal(new[MEAN], state[MEAN])  # one shared update
 
 
+def test_ensemble_under_vmap_matches_linen_under_jax_vmap() -> None:
+    # Four members, each with its own parameters and statistics, on the same batch.
+    block, x = Block(), jax.random.normal(jax.random.key(1), (2, 6, 6, 4))
+    keys = jax.random.split(jax.random.key(0), 4)
+    variables = jax.vmap(lambda k: block.init(k, x, True))(keys)
+    ys_linen, updated = jax.jit(
+        jax.vmap(lambda v: block.apply(v, x, True, mutable=["batch_stats"]))
+    )(variables)
+
+    params, state = ll.from_linen(variables)
+    apply = ll.lower(block, variables)
+    members = lift.vmap(lambda p: apply(p, x, True), state_axes=0)
+    ys, new = lift.jit(lift.stateful(members))(state, params)
+    assert_same(ys, ys_linen)
+    assert_same(ll.to_linen(new, variables), {**variables, **updated})
+
+
 # ------------------------------------------------------------ collections and rngs
 
 
