@@ -198,13 +198,23 @@ def stateful(
     ``stateful(f)(state, *args, **kwargs)`` runs ``f(*args, **kwargs)`` in a frame over
     ``state`` and returns ``(out, new_state)``. The input dict is never mutated; the
     output has exactly its keys, and values that were not written are the same objects.
+    ``f`` runs once per call, also when it uses state inside raw JAX loops. The frame
+    closes when ``f`` returns: code that runs later through it (an ``asyncio`` task
+    created inside ``f``, a generator ``f`` returned) gets a :class:`FrameError`, and
+    ``new_state`` is never changed afterwards.
 
     Args:
-        f: the implicit function.
+        f: the implicit function; not a generator or coroutine function, whose body
+            would run after the frame has closed.
         mutable: ``False`` is inference mode: reads work, any ``set`` raises.
 
     Returns:
         The pure function ``(state, *args, **kwargs) -> (out, new_state)``.
+
+    Raises:
+        LiftTypeError: ``f`` is not callable, or is a generator or coroutine
+            function; when called, the first argument is not a state dict (a model,
+            or the state and the model swapped).
 
     Examples:
         >>> import jax.numpy as jnp
