@@ -9,7 +9,7 @@ into the frame and static outputs are unwrapped.
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from typing import Any
 
 from ._errors import LiftTypeError
@@ -34,6 +34,7 @@ class Pure:
 
     __slots__ = (
         "__weakref__",
+        "_built",
         "f",
         "frameless",
         "has_static_out",
@@ -54,6 +55,7 @@ class Pure:
         frameless: bool = False,
     ) -> None:
         self.f = f
+        self._built: dict[Hashable, Callable[..., Any]] = {}
         self.frameless = frameless
         self.why = why
         self.keep_scalars = keep_scalars
@@ -80,6 +82,24 @@ class Pure:
         if static:
             self.has_static_out = True
         return out, new
+
+    def built(
+        self, key: Hashable, build: Callable[[], Callable[..., Any]]
+    ) -> Callable[..., Any]:
+        """The JAX-transformed function for ``key``, built on first use.
+
+        The build cache of every lifted transform: ``jax.jit`` and friends cache
+        their traces per function object, so the transformed function is built once
+        per pure function and per ``key`` (the options that change the transform,
+        such as per-key partition specs). An unhashable ``key`` is built every time.
+        """
+        try:
+            fn = self._built.get(key)
+        except TypeError:
+            return build()
+        if fn is None:
+            fn = self._built[key] = build()
+        return fn
 
 
 class Lifted:
@@ -202,12 +222,9 @@ def lift_transform(
     """
 
     def lifted(f: Callable[..., Any], *options: Any, **kw_options: Any) -> Lifted:
-        cache: dict[Any, Callable[..., Any]] = {}
-
         def run(pures: Sequence[Pure], state: State, *args: Any, **kwargs: Any) -> Any:
-            fn = cache.get(pures[0])
-            if fn is None:
-                fn = cache[pures[0]] = transform(pures[0], *options, **kw_options)
+            pure = pures[0]
+            fn = pure.built((), lambda: transform(pure, *options, **kw_options))
             return fn(state, *args, **kwargs)
 
         return Lifted((f,), run, name=getattr(transform, "__name__", "transform"))

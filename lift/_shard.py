@@ -23,10 +23,10 @@ import numpy as np
 from jax.sharding import Mesh, PartitionSpec
 
 from ._errors import LiftTypeError, LiftValueError, describe
-from ._export import State, match_filters
+from ._export import State
 from ._keys import StateKey
 from ._lifting import Lifted, Pure
-from ._transforms import mapped_axes
+from ._mapping import mapped_axes, per_key
 
 __all__ = ["pmap", "shard_map"]
 
@@ -102,18 +102,14 @@ def _check_replicated(
 
 
 def _state_specs(state: State, state_specs: Any) -> dict[StateKey, Any]:
-    if state_specs is None:
-        return dict.fromkeys(state, _REPLICATED)
-    if isinstance(state_specs, PartitionSpec):
-        return dict.fromkeys(state, state_specs)
-    if not isinstance(state_specs, Mapping):
-        raise LiftTypeError(
-            "`lift.shard_map(state_specs=...)` must be None (all state replicated), a "
-            "PartitionSpec for all state, or a dict {filter: spec} whose filters are "
-            "globs, StateKeys, types or predicates (as in `lift.filter_state`); got "
-            f"{type(state_specs).__name__}: {state_specs!r}."
-        )
-    return match_filters(state, state_specs.items(), lambda _: _REPLICATED)
+    return per_key(
+        state,
+        state_specs,
+        whole=PartitionSpec,
+        default=lambda _: _REPLICATED,
+        what="lift.shard_map(state_specs=...)",
+        expected="None (all state replicated), a PartitionSpec for all state",
+    )
 
 
 def shard_map(
@@ -185,7 +181,6 @@ def shard_map(
             check_vma=check_vma,
         )
     fix = "`state_specs={{StateKey({key!r}): P({axis!r})}}`"
-    cache: dict[Any, Callable[..., Any]] = {}
 
     def run(pures: Sequence[Pure], state: State, *args: Any, **kwargs: Any) -> Any:
         if kwargs:
@@ -195,21 +190,16 @@ def shard_map(
                 "positionally and give their specs in `in_specs`."
             )
         specs = _state_specs(state, state_specs)
-        try:
-            cache_key: Any = (pures[0], tuple(specs.items()))
-            hash(cache_key)
-        except TypeError:  # a spec given as an unhashable pytree prefix
-            cache_key = None
-        fn = cache.get(cache_key) if cache_key is not None else None
-        if fn is None:
+        pure = pures[0]
 
+        def build() -> Callable[..., Any]:
             def body(state: State, args: tuple) -> Any:
-                out, new = pures[0](state, *args)
+                out, new = pure(state, *args)
                 if check_vma:
                     _check_replicated(new, specs, "shard_map", fix)
                 return out, new
 
-            fn = jax.shard_map(
+            return jax.shard_map(
                 body,
                 mesh=mesh,
                 in_specs=(specs, _per_arg(in_specs, len(args))),
@@ -217,9 +207,9 @@ def shard_map(
                 axis_names=axis_names,
                 check_vma=check_vma,
             )
-            if cache_key is not None:
-                cache[cache_key] = fn
-        return fn(state, args)
+
+        # Specs given as unhashable pytree prefixes make an unhashable key: no cache.
+        return pure.built(tuple(specs.items()), build)(state, args)
 
     return Lifted((f,), run, name="shard_map")
 
@@ -327,7 +317,6 @@ def pmap(
     """
     name = "_lift_pmap_axis" if axis_name is None else axis_name
     fix = "`state_axes={{StateKey({key!r}): 0}}`"
-    jitted: dict[Pure, Callable[..., Any]] = {}
     untracked: set[Pure] = set()  # functions JAX could not trace with check_vma
 
     def call(pure: Pure, state: State, args: tuple, kwargs: dict, check: bool) -> Any:
@@ -431,23 +420,20 @@ def pmap(
         return jax.tree_util.tree_unflatten(out_def, out_leaves), new
 
     def build(pure: Pure, check: bool) -> Callable[..., Any]:
-        fn = jax.jit(lambda state, args, kwargs: call(pure, state, args, kwargs, check))
-        jitted[pure] = fn
-        return fn
+        return jax.jit(
+            lambda state, args, kwargs: call(pure, state, args, kwargs, check)
+        )
 
     def run(pures: Sequence[Pure], state: State, *args: Any, **kwargs: Any) -> Any:
         pure = pures[0]
-        fn = jitted.get(pure)
-        if fn is not None:
-            return fn(state, args, kwargs)
         check = check_vma is not False and pure not in untracked
         try:
-            return build(pure, check)(state, args, kwargs)
+            return pure.built(check, lambda: build(pure, check))(state, args, kwargs)
         except ValueError as err:
             if not (check and check_vma is None and _untrackable(err)):
                 raise
         untracked.add(pure)
-        return build(pure, False)(state, args, kwargs)
+        return pure.built(False, lambda: build(pure, False))(state, args, kwargs)
 
     return Lifted((f,), run, name="pmap")
 

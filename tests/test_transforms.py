@@ -50,10 +50,10 @@ def before_any_donation(monkeypatch):
     """
     import weakref
 
-    from lift import _transforms
+    from lift import _jit
 
-    monkeypatch.setattr(_transforms, "_DONATING", [False])
-    monkeypatch.setattr(_transforms, "_UNCHECKED", weakref.WeakSet())
+    monkeypatch.setattr(_jit, "_DONATING", [False])
+    monkeypatch.setattr(_jit, "_UNCHECKED", weakref.WeakSet())
 
 
 def assert_close(a, b):
@@ -231,7 +231,7 @@ def test_jit_under_disable_jit_returns_outputs_as_they_are(model):
 
 def test_jit_without_the_cpp_hook_takes_the_general_path(model, monkeypatch):
     # A JAX whose jit offers no slow-path hook: every call takes lift's general path.
-    monkeypatch.setattr(lift._transforms, "with_cache_miss", lambda *a, **k: None)
+    monkeypatch.setattr(lift._jit, "with_cache_miss", lambda *a, **k: None)
     tree, state = model
     step = lift.jit(lift.stateful(lambda x, k: _static_step(tree, jnp.sin, "", k, x)))
     out, new = step(state, jnp.ones(3), 2)
