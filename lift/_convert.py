@@ -18,7 +18,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from ._errors import FrameError, LiftKeyError, LiftTypeError, LiftValueError, closest
-from ._frame import current_frame, lower
+from ._frame import current_frame, lower, unpack
 from ._keys import StateKey
 
 __all__ = ["call_in_frame", "check_prefix", "check_state", "take", "unpack"]
@@ -93,26 +93,6 @@ def take(
             "or `strict=False`."
         )
     return values
-
-
-def unpack(
-    result: Any, state_type: type | tuple[type, ...], label: str, *, must: str, fix: str
-) -> tuple[Any, Any]:
-    """``(out, state)`` from what a library call returned, checked.
-
-    Raises:
-        LiftValueError: ``result`` is not a pair whose second item is a
-            ``state_type``; the message is ``{label}: {must}; ... {fix}``.
-    """
-    if not (
-        isinstance(result, tuple)
-        and len(result) == 2
-        and isinstance(result[1], state_type)
-    ):
-        raise LiftValueError(
-            f"{label}: {must}; it returned {type(result).__name__}. {fix}"
-        )
-    return result
 
 
 def _pure(

@@ -324,6 +324,26 @@ def is_pure(f: Any) -> bool:
         return False
 
 
+def unpack(
+    result: Any, state_type: type | tuple[type, ...], label: str, *, must: str, fix: str
+) -> tuple[Any, Any]:
+    """``(out, state)`` from what a pure function (or a converter's library) returned.
+
+    Raises:
+        LiftValueError: ``result`` is not a pair whose second item is a
+            ``state_type``; the message is ``{label}: {must}; ... {fix}``.
+    """
+    if not (
+        isinstance(result, tuple)
+        and len(result) == 2
+        and isinstance(result[1], state_type)
+    ):
+        raise LiftValueError(
+            f"{label}: {must}; it returned {type(result).__name__}. {fix}"
+        )
+    return result
+
+
 def lower(g: Callable[..., tuple[R, Mapping[Any, Any]]]) -> Callable[..., R]:
     """Turn a pure ``(state, *args) -> (out, state)`` into implicit ``(*args) -> out``.
 
@@ -347,18 +367,13 @@ def lower(g: Callable[..., tuple[R, Mapping[Any, Any]]]) -> Callable[..., R]:
     @functools.wraps(g, updated=())
     def implicit(*args: Any, **kwargs: Any) -> R:
         frame = _frame_or_raise("lower", getattr(g, "__qualname__", "g"))
-        result = g(frame.snapshot(), *args, **kwargs)
-        if not (
-            isinstance(result, tuple)
-            and len(result) == 2
-            and isinstance(result[1], Mapping)
-        ):
-            raise LiftValueError(
-                f"`lift.lower({getattr(g, '__qualname__', 'g')})`: the function must "
-                "return `(out, state)` with a state dict; got "
-                f"{type(result).__name__}. Return the updated state as the second item."
-            )
-        out, new = result
+        out, new = unpack(
+            g(frame.snapshot(), *args, **kwargs),
+            Mapping,
+            f"`lift.lower({getattr(g, '__qualname__', 'g')})`",
+            must="the function must return `(out, state)` with a state dict",
+            fix="Return the updated state as the second item.",
+        )
         frame.update(new, check=True)
         return out
 
