@@ -280,3 +280,5 @@ def test_every_nav_page_exists():
     assert nav, "mkdocs.yml has no nav"
     missing = [page for page in nav if not (DOCS / page).is_file()]
     assert not missing, f"nav pages missing from docs/: {missing}"
+    pages = {p.relative_to(DOCS).as_posix() for p in DOCS.rglob("*.md")}
+    assert not pages - set(nav), f"pages not in mkdocs.yml's nav: {pages - set(nav)}"
