@@ -298,10 +298,16 @@ def lower(
         True
     """
     apply = module_or_apply.apply if isinstance(module_or_apply, nn.Module) else None
-    if apply is None and not callable(module_or_apply):
+    is_class = isinstance(module_or_apply, type)
+    if apply is None and (is_class or not callable(module_or_apply)):
+        got = (
+            f"the class {module_or_apply.__name__}"
+            if is_class
+            else f"a {type(module_or_apply).__name__}"
+        )
         raise LiftTypeError(
-            "`lift.linen.lower` takes a Linen module or its `apply`; got "
-            f"{type(module_or_apply).__name__}."
+            f"`lift.linen.lower` takes a Linen module (an instance, as `init` was "
+            f"called on) or its `apply`; got {got}. Pass `Net()`, not `Net`."
         )
     apply = apply or module_or_apply
     name = getattr(module_or_apply, "__qualname__", type(module_or_apply).__name__)

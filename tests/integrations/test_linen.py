@@ -438,6 +438,8 @@ def test_errors_name_what_and_where() -> None:
     )
     with pytest.raises(TypeError, match="Linen module"):
         ll.lower(3, variables)
+    with pytest.raises(TypeError, match="the class BatchNorm"):
+        ll.lower(nn.BatchNorm, variables)
     apply = ll.lower(bn, variables)
     with pytest.raises(TypeError, match="mutable="):
         lift.stateful(apply)(state, params, x, mutable=["batch_stats"])
