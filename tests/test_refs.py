@@ -606,3 +606,26 @@ def test_a_cached_raw_jit_using_state_fails_loudly_in_a_later_call(model, rewrap
     _, t1 = g(state, jnp.ones(3))
     _, t2 = g(t1, jnp.ones(3))
     np.testing.assert_array_equal(t2[tree["acc"]], 2 * np.ones(3))
+
+
+def _raw_control_flow(tree, kind, x):
+    def bump(by):
+        lift.set(tree["acc"], lift.get(tree["acc"]) + by)
+        return jnp.sum(lift.get(tree["acc"]))
+
+    if kind == "cond":
+        return lax.cond(x[0] > 0, lambda: bump(x), lambda: bump(10 * x))
+    if kind == "switch":
+        return lax.switch(1, [lambda: bump(x), lambda: bump(5 * x)])
+    return lax.map(lambda row: bump(row), jnp.stack([x, 2 * x]))
+
+
+@pytest.mark.parametrize("jitted", [False, True], ids=["eager", "jit"])
+@pytest.mark.parametrize(
+    ("kind", "factor"), [("cond", 1.0), ("switch", 5.0), ("map", 3.0)]
+)
+def test_raw_cond_switch_and_map_write_state(model, jitted, kind, factor):
+    tree, state = model
+    f = lift.stateful(lambda x: _raw_control_flow(tree, kind, x))
+    _, new = (lift.jit(f) if jitted else f)(state, XS[1])
+    np.testing.assert_allclose(new[tree["acc"]], factor * XS[1], rtol=1e-6)
