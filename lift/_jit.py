@@ -8,132 +8,72 @@ dispatch (see :class:`_Jit`).
 
 from __future__ import annotations
 
-import inspect
 import operator
-import weakref
+import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
-from jax.core import Tracer
 
-from ._errors import LiftTypeError, LiftValueError
+from ._donation import (
+    DONATING,
+    donated_args,
+    donation_starts,
+    raise_if_donated,
+    refuse_consumed,
+    unshare,
+    watch,
+)
+from ._errors import LiftTypeError
 from ._export import State
 from ._frame import _FRAME, is_pure
-from ._keys import StateKey
 from ._lifting import Lifted, Pure
 from ._tracing import is_array, with_cache_miss
 
-__all__ = ["jit"]
+__all__ = ["fast_path_enabled", "jit", "use_fast_path"]
+
+# The C++ fast path (see `_Jit`) is one optional layer over the general path. Off with
+# LIFT_JIT_FAST_PATH=0 in the environment at import, or `use_fast_path(False)`; either
+# way a lifted jit means the same, only its dispatch cost differs.
+_FAST_PATH = [os.environ.get("LIFT_JIT_FAST_PATH", "1").strip() not in ("0", "")]
 
 
-def _deleted_keys(tree: tuple) -> list[str]:
-    """Where ``tree`` holds deleted buffers, named for the user.
+def use_fast_path(enabled: bool) -> bool:
+    """Switch ``lift.jit``'s C++ dispatch layer on or off; returns the old setting.
 
-    ``tree`` is ``(args, kwargs)`` or ``(state, args, kwargs)``: a state entry is named
-    by its key, an argument by its position or name.
+    It applies to ``lift.jit`` functions made afterwards. Off, every call takes the
+    general path (lift's Python, then ``jax.jit``): useful to tell a bug of the fast
+    layer from one of lift's semantics. The environment variable
+    ``LIFT_JIT_FAST_PATH=0``, read at import, starts with it off.
+
+    Examples:
+        >>> from lift._jit import use_fast_path
+        >>> old = use_fast_path(False)
+        >>> use_fast_path(old)
+        False
     """
-    found = []
-    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
-        if not _is_deleted(leaf):
-            continue
-        # Name a state entry by its key alone, not by where the dict was passed.
-        keys = [k.key for k in path if type(getattr(k, "key", None)) is StateKey]
-        rest = jax.tree_util.keystr(path[2:])
-        if keys:
-            found.append(repr(str(keys[-1])))
-        elif path[0].idx == len(tree) - 2:  # type: ignore[attr-defined]
-            found.append(f"argument {path[1].idx}{rest}")  # type: ignore[attr-defined]
-        else:
-            found.append(f"argument {path[1].key!r}{rest}")  # type: ignore[attr-defined]
-    return list(dict.fromkeys(found))
+    old = _FAST_PATH[0]
+    _FAST_PATH[0] = bool(enabled)
+    return old
 
 
-def _donated_error(args: Any, err: Exception) -> Exception:
-    """The clearer error if ``err`` is XLA's about a consumed buffer, else ``err``."""
-    if "delete" not in str(err) and "donat" not in str(err):
-        return err
-    where = _deleted_keys(args)
-    if not where:
-        return err
-    return LiftValueError(
-        "A lifted `jit` was called with arrays that an earlier call of a donating "
-        "lifted `jit` (`donate_state=True`, `donate_argnums`, `donate_argnames`) "
-        f"consumed: deleted buffers at {', '.join(where[:5])}. Use the state and "
-        "values that call returned, not the ones you passed in; to keep an old one, "
-        "copy it first (`jax.tree.map(jnp.copy, state)`) or do not donate it."
-    )
-
-
-def _raise_if_donated(err: Exception, args: Any) -> None:
-    """Raise the clearer error if ``err`` is XLA's about a consumed buffer."""
-    better = _donated_error(args, err)
-    if better is not err:
-        raise better from err
-
-
-def _refuse_consumed(tree: tuple) -> None:
-    """Raise before dispatch if a donated buffer is reused (XLA may crash on it).
-
-    ``tree`` is ``(args, kwargs)`` or ``(state, args, kwargs)``.
-    """
-    for leaf in jax.tree_util.tree_leaves(tree):
-        if _is_deleted(leaf):
-            raise _donated_error(tree, RuntimeError("deleted"))
-
-
-def _is_deleted(leaf: Any) -> bool:
-    # A tracer (a lifted jit called while tracing) has no buffer to check.
-    is_deleted = getattr(leaf, "is_deleted", None)
-    return is_deleted is not None and not isinstance(leaf, Tracer) and is_deleted()
-
-
-def _unshare(tree: Any) -> Any:
-    """``tree`` with every array that appears twice in it copied after its first use.
-
-    XLA refuses to donate one buffer twice; one array under two keys (``z`` used for
-    two statistics) is legitimate state, so the duplicate gets its own buffer.
-    """
-    leaves, treedef = jax.tree_util.tree_flatten(tree)
-    seen: set[int] = set()
-    copied = False
-    for i, leaf in enumerate(leaves):
-        if id(leaf) in seen and is_array(leaf):
-            leaves[i] = jax.numpy.copy(leaf)
-            copied = True
-        seen.add(id(leaf))
-    return treedef.unflatten(leaves) if copied else tree
-
-
-# A consumed array that spans several devices, passed to a compiled `jax.jit`
-# function, crashes the process instead of raising; only a check in Python before the
-# dispatch prevents it. Until some lifted `jit` donates, no array can have been
-# consumed by one, and calls take `jax.jit`'s C++ dispatch unchecked. Once one is
-# made, `_DONATING[0]` is set and every non-donating lifted `jit` (registered here)
-# forgets its C++-cached signatures and stops caching new ones, so each call reaches
-# its Python miss handler, which checks the arguments first.
-_DONATING = [False]
-_UNCHECKED: weakref.WeakSet[_Jit] = weakref.WeakSet()
-
-
-def _donation_starts() -> None:
-    if _DONATING[0]:
-        return
-    _DONATING[0] = True
-    for jitted in list(_UNCHECKED):
-        if jitted._fast is not None:
-            jitted._fast._clear_cache()  # type: ignore[attr-defined]
-    _UNCHECKED.clear()
+def fast_path_enabled() -> bool:
+    """Whether ``lift.jit`` functions made now get the C++ dispatch layer."""
+    return _FAST_PATH[0]
 
 
 class _Jit(Lifted):
-    """``lift.jit``: calls go straight to ``jax.jit``'s C++ dispatch where they can.
+    """``lift.jit``: an ordinary :class:`Lifted`, plus an optional C++ dispatch layer.
+
+    The general path is the combinator's: :meth:`_run` applies ``jax.jit`` to the
+    pure function (state in and out, non-array leaves static). Everything below
+    ``self._fast`` is the optional layer, off with :func:`use_fast_path`.
 
     ``self._fast`` is ``jax.jit`` of the function whose slow path (run only when no
     compiled signature matches, with the call's own arguments) is lift's
     :meth:`_miss`. A function made by :func:`lift.stateful` is pure, so there is no
     frame's state to thread: without donation, :func:`jit` hands out ``self._fast``
-    itself, a ``jax.jit`` function whose calls cost what ``jax.jit`` calls cost.
+    itself, a ``jax.jit`` function whose compiled calls run no Python at all.
     Otherwise :func:`jit` hands out this object, whose call is ``self._call``, looked
     up by a C-level property (no Python frame of lift's), one of:
 
@@ -175,14 +115,16 @@ class _Jit(Lifted):
             **options,
         )
         self._plain_jit = plain
-        self._fast = with_cache_miss(plain, self._miss, like=f)
+        self._fast = (
+            with_cache_miss(plain, self._miss, like=f) if _FAST_PATH[0] else None
+        )
         self._call: Callable[..., Any] = (
             self._general if self._fast is None else self._checked
         )
         if self._donates:
-            _donation_starts()
-        elif not _DONATING[0]:
-            _UNCHECKED.add(self)
+            donation_starts()
+        elif self._fast is not None:
+            watch(self._fast)
 
     def _donated_positions(
         self, top: bool, state_at: int, first_arg: int
@@ -213,21 +155,21 @@ class _Jit(Lifted):
         self, jax_miss: Callable[..., Any], *args: Any, **kwargs: Any
     ) -> tuple[Any, Any, bool]:
         # C++ found no compiled signature for these arguments (the call's own).
-        if _DONATING[0]:
-            _refuse_consumed((args, kwargs))
+        if DONATING[0]:
+            refuse_consumed((args, kwargs))
         if not self._static and all(
             map(is_array, jax.tree_util.tree_leaves((args, kwargs)))
         ):
             try:
                 out, fastpath, rebuild = jax_miss(*args, **kwargs)
-                if _DONATING[0] and not self._donates:
+                if DONATING[0] and not self._donates:
                     # Cached in C++, a later call would skip the check above.
                     return out, None, False
                 return out, fastpath, rebuild
             except _Fallback:
                 pass
             except (RuntimeError, ValueError) as err:
-                _raise_if_donated(err, (args, kwargs))
+                raise_if_donated(err, (args, kwargs))
                 raise
         # A leaf that is not an array: a Python number would be a valid JAX argument,
         # but lift makes it static, as it does strs and functions. `None`: no
@@ -248,103 +190,58 @@ class _Jit(Lifted):
     def _run(
         self, pures: Sequence[Pure], state: State, *args: Any, **kwargs: Any
     ) -> Any:
-        if _DONATING[0]:
-            _refuse_consumed((state, args, kwargs))
+        if DONATING[0]:
+            refuse_consumed((state, args, kwargs))
         if self._donates:
-            state, args, kwargs = _unshare((state, args, kwargs))
-        fn = pures[0].built((), lambda: self._build(pures[0]))
+            state, args, kwargs = unshare((state, args, kwargs))
+        fn = pures[0].built(len(args), lambda: self._build(pures[0], len(args)))
         return fn(state, *args, **kwargs)
 
-    def _build(self, pure: Pure) -> Callable[..., Any]:
-        # The pure function's state comes first; at top level it is empty and the
-        # user's state (if any) is the next argument.
+    def _build(self, pure: Pure, n_args: int) -> Callable[..., Any]:
+        # The pure function takes the frame's state first and returns it last; at top
+        # level that state is empty and the user's state (if any) is the next
+        # argument. The user's options speak of the user's arguments and outputs.
         top = pure.frameless
+        options = dict(self._options)
+        if "in_shardings" in options:
+            given = options["in_shardings"]
+            if not isinstance(given, (tuple, list)):
+                given = (given,) * n_args
+            options["in_shardings"] = (None, *given)
+        if "out_shardings" in options:
+            options["out_shardings"] = (options["out_shardings"], None)
         return jax.jit(
             pure,
             donate_argnums=self._donated_positions(
                 top, int(top), 1 + top * self._state_first
             ),
             donate_argnames=self._names,
-            **self._options,
+            **options,
         )
 
     def _checked(self, *args: Any, **kwargs: Any) -> Any:
         if _FRAME.get() is not None:
             return self._general(*args, **kwargs)
-        if _DONATING[0]:
-            _refuse_consumed((args, kwargs))
+        if DONATING[0]:
+            refuse_consumed((args, kwargs))
         if self._donates:
-            args, kwargs = _unshare((args, kwargs))
+            args, kwargs = unshare((args, kwargs))
         try:
             return self._fast(*args, **kwargs)  # type: ignore[misc]
         except (RuntimeError, ValueError) as err:
-            _raise_if_donated(err, (args, kwargs))
+            raise_if_donated(err, (args, kwargs))
             raise
 
     def _general(self, *args: Any, **kwargs: Any) -> Any:
         try:
             return Lifted.__call__(self, *args, **kwargs)
         except (RuntimeError, ValueError) as err:
-            _raise_if_donated(err, (args, kwargs))
+            raise_if_donated(err, (args, kwargs))
             raise
 
 
 class _Fallback(Exception):
     pass
-
-
-def _donated_args(
-    f: Callable[..., Any], argnums: Any, argnames: Any, donate_state: bool
-) -> tuple[tuple[int, ...], tuple[int, ...], tuple[str, ...]]:
-    """The user's donated argument positions (at top level, in a frame) and names.
-
-    As in :func:`jax.jit`, a position also donates its parameter when passed by name,
-    and a name its position, as far as ``f``'s signature tells. Positions count the
-    user's arguments, state aside: at top level a function made by
-    :func:`lift.stateful` (or any, with ``donate_state``) takes the state first.
-    """
-    nums = (argnums,) if isinstance(argnums, int) else argnums
-    names = (argnames,) if isinstance(argnames, str) else argnames
-    try:
-        nums = tuple(operator.index(i) for i in nums or ())
-        names = tuple(names or ())
-    except TypeError:
-        nums, names = None, ()
-    if nums is None or not all(isinstance(n, str) for n in names):
-        raise LiftTypeError(
-            "`lift.jit`: `donate_argnums` takes an int or a sequence of ints "
-            "(positions of the function's arguments, the state not counted) and "
-            "`donate_argnames` a str or a sequence of strs; got "
-            f"donate_argnums={argnums!r}, "
-            f"donate_argnames={argnames!r}. Donate the state with `donate_state=True`."
-        )
-    if any(i < 0 for i in nums):
-        raise LiftValueError(
-            f"`lift.jit`: donate_argnums={argnums!r} has a negative position; give "
-            "positions from the first argument on (0, 1, ...), the state not counted."
-        )
-    try:
-        params = list(inspect.signature(f).parameters.values())
-    except (TypeError, ValueError):  # no signature: names and positions stay apart
-        params = []
-    positional = [
-        p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
-    ]
-    keyword = {
-        p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
-    }
-
-    def resolve(skip: int) -> tuple[tuple[int, ...], set[str]]:
-        by_name = positional[skip:]
-        more = {by_name.index(n) for n in names if n in by_name}
-        named = {by_name[i] for i in nums if i < len(by_name) and by_name[i] in keyword}
-        return tuple(sorted({*nums, *more})), named
-
-    # At top level a function not made by `stateful` but donating its state names it
-    # as its first parameter; in a frame it has no state parameter.
-    top, top_named = resolve(int(donate_state and not is_pure(f)))
-    frame, frame_named = resolve(0)
-    return top, frame, tuple(dict.fromkeys([*names, *top_named, *frame_named]))
 
 
 def jit(
@@ -410,7 +307,7 @@ def jit(
             )
 
     def make(g: Callable[..., Any]) -> Any:
-        donated = _donated_args(g, donate_argnums, donate_argnames, donate_state)
+        donated = donated_args(g, donate_argnums, donate_argnames, donate_state)
         return _Jit(g, donate_state, donated, jit_kwargs).handed_out()
 
     return make if f is None else make(f)

@@ -564,3 +564,61 @@ def test_scan_over_layers_with_sharded_per_layer_state(mesh):
         h = jnp.tanh(h @ w[i])
         np.testing.assert_allclose(new[key][i], 0.5 * jnp.mean(h, 0), rtol=1e-5)
     assert new[key].sharding.is_equivalent_to(sharding, 2)
+
+
+# ------------------------------------------------- jit options on both paths
+
+
+@pytest.fixture(params=[True, False], ids=["fast", "general"])
+def jit_path(request):
+    """Make lift.jit functions with the C++ dispatch layer on, then off."""
+    from lift._jit import use_fast_path
+
+    old = use_fast_path(request.param)
+    yield request.param
+    use_fast_path(old)
+
+
+def test_jit_shardings_mean_what_jax_jit_says_at_top_level(mesh, jit_path):
+    tree, state = _sharded_state(mesh)
+    rows, replicated = NamedSharding(mesh, P("data")), NamedSharding(mesh, P())
+    pure = lift.stateful(partial(_bump, tree))
+    options = {
+        "in_shardings": (None, rows),
+        "out_shardings": (replicated, {k: v.sharding for k, v in state.items()}),
+    }
+    step = lift.jit(pure, **options)
+    expected = jax.jit(pure, **options)
+    x = np.ones((8, 4), np.float32)  # a host array: placed by in_shardings
+    out, new = step(state, x)
+    ref_out, ref = expected(state, x)
+    assert out.sharding.is_equivalent_to(ref_out.sharding, out.ndim)
+    assert out.sharding.is_equivalent_to(replicated, out.ndim)
+    for key in state:
+        assert new[key].sharding.is_equivalent_to(ref[key].sharding, new[key].ndim)
+    assert_states_close(new, ref)
+    np.testing.assert_allclose(out, ref_out)
+    # A Python number (static on lift's general path) does not shift the specs.
+    scaled = lift.jit(
+        lift.stateful(lambda x, k: _bump(tree, k * x)),
+        in_shardings=(None, rows, None),
+        out_shardings=(replicated, None),
+    )
+    out2, _ = scaled(state, x, 2.0)
+    assert float(out2) == 2 * float(ref_out)
+    assert out2.sharding.is_equivalent_to(replicated, out2.ndim)
+
+
+def test_jit_shardings_inside_a_frame_speak_of_the_arguments(mesh, jit_path):
+    tree, state = _sharded_state(mesh)
+    shardings = {k: v.sharding for k, v in state.items()}
+    rows, replicated = NamedSharding(mesh, P("data")), NamedSharding(mesh, P())
+    inner = lift.jit(
+        lambda x: (_bump(tree, x), 2 * x), in_shardings=rows, out_shardings=replicated
+    )
+    total, doubled = lift.jit(lift.stateful(inner))(state, np.ones((8, 4)))[0]
+    assert float(total) == 32.0
+    assert doubled.sharding.is_equivalent_to(replicated, doubled.ndim)
+    _, new = lift.stateful(inner)(state, np.ones((8, 4), np.float32))
+    for key, sharding in shardings.items():
+        assert new[key].sharding.is_equivalent_to(sharding, new[key].ndim), key

@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 from jax import lax
 
 import lift
+from lift._jit import fast_path_enabled
 
 W = np.array([0.5, -1.0, 2.0], np.float32)
 
@@ -50,10 +51,20 @@ def before_any_donation(monkeypatch):
     """
     import weakref
 
-    from lift import _jit
+    from lift import _donation
 
-    monkeypatch.setattr(_jit, "_DONATING", [False])
-    monkeypatch.setattr(_jit, "_UNCHECKED", weakref.WeakSet())
+    monkeypatch.setattr(_donation, "_UNCHECKED", weakref.WeakSet())
+    donating = _donation.DONATING[0]
+    _donation.DONATING[0] = False
+    yield
+    _donation.DONATING[0] = donating
+
+
+# Tests of the C++ dispatch layer itself; the rest hold with it off too
+# (`LIFT_JIT_FAST_PATH=0`).
+fast_path_only = pytest.mark.skipif(
+    not fast_path_enabled(), reason="the C++ dispatch layer is off"
+)
 
 
 def assert_close(a, b):
@@ -113,6 +124,7 @@ def _python_calls_during(fn, *args):
     return entered
 
 
+@fast_path_only
 def test_jit_of_stateful_runs_no_python_on_a_compiled_call(model, before_any_donation):
     # A pure function at top level, its signature compiled: the call is jax.jit's
     # own C++ dispatch, with no Python frame of lift's (or of anyone's) around it.
@@ -127,6 +139,7 @@ def test_jit_of_stateful_runs_no_python_on_a_compiled_call(model, before_any_don
     assert _python_calls_during(plain, state, x) == []
 
 
+@fast_path_only
 def test_jit_of_stateful_is_a_jax_jit_function_named_like_it(model):
     tree, state = model
 
@@ -187,6 +200,7 @@ def test_jit_of_a_wrapper_of_stateful_threads_the_enclosing_frame(model):
     assert int(new[tree["n"]]) == 1
 
 
+@fast_path_only
 def test_jit_takes_static_leaves_after_compiled_array_calls(model, before_any_donation):
     tree, state = model
     seen = []
@@ -415,6 +429,7 @@ def test_jit_consumed_state_into_another_jit_names_the_key(model):
         evaluate(state, jnp.ones(3))
 
 
+@fast_path_only
 def test_jit_after_a_donation_non_donating_calls_are_checked(model):
     tree, state = model
     step = lift.jit(lift.stateful(lambda x: accumulate(tree, x)))
