@@ -198,10 +198,9 @@ def while_loop(cond_fun: Callable, body_fun: Callable, init_val: Any) -> Any:
             "not write it. Move the write into `body_fun`.",
             frameless=pures[0].frameless,
         )
-        val, state = lax.while_loop(
-            lambda c: test(c[1], c[0])[0], lambda c: pures[1](c[1], c[0]), (init, state)
+        return lax.while_loop(
+            lambda c: test.on_carry(c)[0], pures[1].on_carry, (init, state)
         )
-        return val, state
 
     return Lifted(
         (cond_fun, body_fun),
@@ -229,10 +228,9 @@ def fori_loop(
     """
 
     def run(pures: Sequence[Pure], state: State, init: Any) -> Any:
-        def body(i: Any, c: Any) -> Any:
-            return pures[0](c[1], i, c[0])
-
-        return lax.fori_loop(lower, upper, body, (init, state), unroll=unroll)
+        return lax.fori_loop(
+            lower, upper, pures[0].on_carry, (init, state), unroll=unroll
+        )
 
     return Lifted(
         (body_fun,), run, name="fori_loop", static_args=False, keep_scalars=True

@@ -83,6 +83,16 @@ class Pure:
             self.has_static_out = True
         return out, new
 
+    def on_carry(self, *args: Any) -> tuple[Any, State]:
+        """This function as a loop body over the carry ``(value, state)``.
+
+        The carry is the last argument: ``on_carry(*lead, (value, state))`` is
+        ``self(state, *lead, value)``, whose ``(new_value, new_state)`` is the next
+        carry. All state rides the loop, including state the body only reads.
+        """
+        *lead, (value, state) = args
+        return self(state, *lead, value)
+
     def built(
         self, key: Hashable, build: Callable[[], Callable[..., Any]]
     ) -> Callable[..., Any]:
