@@ -18,7 +18,7 @@ from typing import Any, ParamSpec, TypeVar
 
 import jax
 
-from ._errors import FrameError, LiftTypeError, LiftValueError
+from ._errors import FrameError, LiftError, LiftTypeError, LiftValueError
 from ._export import State
 from ._keys import StateEntry, StateKey
 from ._refs import Frame, cached_reference
@@ -147,7 +147,8 @@ def run_in_frame(
         out = f(*args, **kwargs)
         new = frame.close()
     except RuntimeError as err:
-        if RETIRED[0] and "has been deleted" in str(err):
+        deleted = RETIRED[0] and "has been deleted" in str(err)
+        if deleted and not isinstance(err, LiftError):
             raise cached_reference(name, err) from err
         raise
     finally:

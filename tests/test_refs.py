@@ -662,3 +662,15 @@ def test_raw_loop_inside_lift_vmap_writing_shared_state_is_a_lift_error(model):
 
     with pytest.raises(lift.LiftError, match=r"\['n'\]"):
         lift.stateful(lambda xs: lift.vmap(per_example)(xs))(state, jnp.arange(3.0))
+
+
+def test_a_cached_raw_jit_in_a_nested_stateful_call_is_reported_once(model):
+    tree, state = model
+    once = jax.jit(functools.partial(_module_level_body, tree))
+    inner = lift.stateful(lambda x: once(x))
+    inner(state, jnp.ones(3))
+    outer = lift.stateful(lambda x: inner(state, x))
+    with pytest.raises(lift.TraceError) as info:
+        outer(state, jnp.ones(3))
+    assert str(info.value).count("earlier call") == 1
+    assert not isinstance(info.value.__cause__, lift.LiftError)
