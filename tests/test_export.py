@@ -309,3 +309,121 @@ def test_corpus_covers_every_node_kind():
     ):
         assert needed in names
     assert len(CORPUS) >= 40
+
+
+# ------------------------------------------------- what export refuses up front
+
+
+@pytest.mark.parametrize(
+    ("tree", "outer", "inner"),
+    [
+        (
+            {"o": StateEntry({"inner": StateEntry(jnp.zeros(1))})},
+            "['o']",
+            "['o']['inner']",
+        ),
+        (
+            [StateEntry(Pair(jnp.zeros(1), StateEntry(jnp.ones(1))))],
+            "[0]",
+            "[0].second",
+        ),
+        ({"o": StateEntry([StateKey("['x']")])}, "['o']", "['o'][0]"),
+    ],
+    ids=["dict", "namedtuple", "key"],
+)
+def test_nested_entries_are_refused_naming_the_path(tree, outer, inner):
+    with pytest.raises(lift.LiftTypeError) as info:
+        export_state(tree)
+    message = str(info.value)
+    assert repr(outer) in message
+    assert repr(inner) in message
+    assert "do not nest" in message
+
+
+def test_entries_holding_pytrees_of_arrays_still_export():
+    tree, state = export_state({"ema": StateEntry(Pair(jnp.zeros(1), jnp.ones(1)))})
+    assert isinstance(state[tree["ema"]], Pair)
+
+
+@pytest.mark.parametrize(
+    "tree",
+    [
+        {1: StateEntry(jnp.zeros(1)), "a": 2.0},
+        {"m": {None: {"x": StateEntry(jnp.zeros(1))}, "b": StateEntry(jnp.ones(1))}},
+        {(1, 2): StateEntry(jnp.zeros(1)), 3: StateEntry(jnp.zeros(1))},
+    ],
+    ids=["int-and-str", "none-and-str-nested", "tuple-and-int"],
+)
+def test_dicts_holding_state_with_keys_jax_cannot_sort_are_refused(tree):
+    # JAX sorts a dict's keys when it flattens it: such a tree fails in `lift.jit`.
+    with pytest.raises(ValueError, match="Comparator"):
+        jax.tree_util.tree_structure(tree)
+    with pytest.raises(lift.LiftValueError, match="cannot be ordered") as info:
+        export_state(tree)
+    assert "one type" in str(info.value)
+
+
+def test_dicts_with_int_keys_only_still_export():
+    tree, state = export_state(
+        {0: StateEntry(jnp.zeros(1)), 1: StateEntry(jnp.ones(1))}
+    )
+    assert list(state) == ["[0]", "[1]"]
+    assert import_state(tree, state)[1].value.tolist() == [1.0]
+
+
+def test_a_70000_character_key_works_end_to_end(tmp_path):
+    # No limit on a key's length: export, a lifted jit step and a state file.
+    name = "k" * 70_000
+    tree, state = export_state({name: StateEntry(jnp.zeros(3))})
+    (key,) = state
+    assert len(key) == 70_004
+
+    @lift.jit
+    @lift.stateful
+    def step(t):
+        lift.set(t[name], lift.get(t[name]) + 1)
+
+    _, new = step(state, tree)
+    lift.save_state(tmp_path / "s", new)
+    loaded = lift.load_state(tmp_path / "s", like=state)
+    assert loaded[key].tolist() == [1.0, 1.0, 1.0]
+
+
+def test_export_and_import_leave_the_collector_as_they_found_it():
+    import gc
+
+    tree = {"a": [StateEntry(jnp.zeros(1)) for _ in range(3)]}
+    assert gc.isenabled()
+    out, state = export_state(tree)
+    import_state(out, state)
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        export_state(tree)
+        import_state(out, state)
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
+
+
+def test_overlapping_exports_in_threads_restore_the_collector():
+    import gc
+    import threading
+
+    tree = {f"l{i}": {"bn": StateEntry(jnp.zeros(1))} for i in range(2000)}
+    errors: list[BaseException] = []
+
+    def work() -> None:
+        try:
+            for _ in range(5):
+                import_state(*export_state(tree))
+        except BaseException as err:
+            errors.append(err)
+
+    threads = [threading.Thread(target=work) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert gc.isenabled()
