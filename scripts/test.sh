@@ -59,7 +59,7 @@ pyproject_hash() {
 fresh_venv() {
     local dir=$1 python=$2 version
     version=$("$python" -c 'import sys; print(sys.version.split()[0])')
-    VENV_STAMP="python $version, pyproject.toml $(pyproject_hash)"
+    VENV_STAMP="python $version, ${JAX_PINS[*]}, pyproject.toml $(pyproject_hash)"
     NEW_VENV=0
     if [ -x "$dir/bin/python" ] && [ "$(cat "$dir/.lift-stamp" 2>/dev/null || true)" = "$VENV_STAMP" ]; then
         echo "reusing $dir (delete it to start afresh)"
@@ -127,6 +127,9 @@ else
     echo "dependencies up to date (delete $STAMP to reinstall)"
 fi
 python -c 'import jax, lift; print("jax", jax.__version__, "| lift", lift.__version__)'
+# The other venvs get the same JAX: on Python 3.12+ the newest release would
+# otherwise be picked, and a test run should not change with the index.
+mapfile -t JAX_PINS < <(python -c 'import jax, jaxlib; print(f"jax=={jax.__version__}"); print(f"jaxlib=={jaxlib.__version__}")')
 done_step
 
 # -------------------------------------------------------------------- packaging
@@ -240,7 +243,7 @@ step "install the wheel in $(basename "$VENVS")/wheel ([$WHEEL_EXTRAS], not edit
 mkdir -p "$VENVS"
 fresh_venv "$WHEEL_VENV" "$BASE_PYTHON"
 if [ "$NEW_VENV" = 1 ]; then
-    pip_install "$WHEEL_VENV/bin/python" "$WHEEL[$WHEEL_EXTRAS]"
+    pip_install "$WHEEL_VENV/bin/python" "$WHEEL[$WHEEL_EXTRAS]" "${JAX_PINS[@]}"
     stamp_venv "$WHEEL_VENV"
 fi
 # The dependencies are those of this pyproject.toml (stamp); lift itself is this
@@ -297,7 +300,7 @@ for version in $OTHER_PYTHONS; do
     core_venv=$VENVS/core-$version
     fresh_venv "$core_venv" "$interpreter"
     if [ "$NEW_VENV" = 1 ]; then
-        pip_install "$core_venv/bin/python" "$WHEEL[test]"
+        pip_install "$core_venv/bin/python" "$WHEEL[test]" "${JAX_PINS[@]}"
         stamp_venv "$core_venv"
     fi
     pip_install "$core_venv/bin/python" --no-deps --force-reinstall "$WHEEL"
