@@ -13,8 +13,8 @@ import functools
 import inspect
 import weakref
 from collections.abc import Callable, Generator, Mapping
-from types import GeneratorType
-from typing import Any, ParamSpec, TypeVar
+from types import CoroutineType, GeneratorType
+from typing import Any, ParamSpec, TypeVar, cast
 
 import jax
 
@@ -157,13 +157,32 @@ def run_in_frame(
             for entry in frame.refs.values():
                 jax.tree_util.tree_map(retire, entry[0])
         frame.trace = frame.refs = None
-    if type(out) is GeneratorType:
-        out = _in_closed_frame(out, frame)  # type: ignore[assignment]
+    kind = type(out)
+    if kind is GeneratorType:
+        return cast(R, _in_closed_frame(out, frame)), new
+    if kind is CoroutineType:
+        return cast(R, _awaited_in_closed_frame(out, frame)), new
     return out, new
 
 
-def _in_closed_frame(gen: Generator[Any, Any, Any], frame: Frame) -> Generator:
-    """``gen``, resumed with its closed frame current, so its get/set raise."""
+async def _awaited_in_closed_frame(coro: Any, frame: Frame) -> Any:
+    """``coro``, each step run with its closed frame current, so its get/set raise."""
+    return await _Steps(coro, frame)
+
+
+class _Steps:
+    __slots__ = ("coro", "frame")
+
+    def __init__(self, coro: Any, frame: Frame) -> None:
+        self.coro = coro
+        self.frame = frame
+
+    def __await__(self) -> Generator[Any, Any, Any]:
+        return _in_closed_frame(self.coro, self.frame)
+
+
+def _in_closed_frame(gen: Any, frame: Frame) -> Generator[Any, Any, Any]:
+    """``gen`` (a generator or coroutine), resumed with its closed frame current."""
 
     def step(method: Callable[..., Any], *value: Any) -> Any:
         token = _FRAME.set(frame)
@@ -201,8 +220,8 @@ def stateful(
     output has exactly its keys, and values that were not written are the same objects.
     ``f`` runs once per call, also when it uses state inside raw JAX loops. The frame
     closes when ``f`` returns: code that runs later through it (an ``asyncio`` task
-    created inside ``f``, a generator ``f`` returned) gets a :class:`FrameError`, and
-    ``new_state`` is never changed afterwards.
+    created inside ``f``, a generator or coroutine ``f`` returned) gets a
+    :class:`FrameError`, and ``new_state`` is never changed afterwards.
 
     Args:
         f: the implicit function; not a generator or coroutine function, whose body

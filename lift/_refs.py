@@ -71,10 +71,10 @@ class Frame:
             f"`lift.{what}({key!r}{', ...' if what == 'set' else ''})` used the frame "
             f"of {self.name}, which has returned: the code runs after that call, in "
             "a context copied while it ran (an `asyncio` task created inside it, "
-            "`contextvars.copy_context()`) or in a generator it returned. The call's "
-            "state is in the dict it returned and is never changed afterwards. Give "
-            "that code its own frame: call a `lift.stateful` step with the returned "
-            "state."
+            "`contextvars.copy_context()`) or in a generator or coroutine it "
+            "returned. The call's state is in the dict it returned and is never "
+            "changed afterwards. Give that code its own frame: call a "
+            "`lift.stateful` step with the returned state."
         )
 
     def read(self, key: Any) -> Any:

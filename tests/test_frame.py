@@ -627,3 +627,26 @@ def test_escaped_tracer_from_finished_jit_raises_trace_error():
 
     with pytest.raises(lift.TraceError, match=r"\['n'\]"):
         lift.stateful(step)(state)
+
+
+def test_a_returned_coroutine_cannot_use_another_calls_frame():
+    import asyncio
+
+    tree, state_a = make_counter(0)
+    _, state_b = make_counter(100)
+    coro, new_a = lift.stateful(lambda: _coro(tree))(state_a)
+
+    def consume():  # awaits it while another frame (B, same paths) is current
+        return asyncio.run(coro)
+
+    with pytest.raises(lift.FrameError, match=r"has returned") as info:
+        lift.stateful(consume)(state_b)
+    assert "['n']" in str(info.value)
+    assert int(new_a[tree["n"]]) == 0
+
+    async def plain():
+        await asyncio.sleep(0)
+        return 7
+
+    returned, _ = lift.stateful(lambda: plain())(state_a)
+    assert asyncio.run(returned) == 7  # a coroutine not using state still works
