@@ -1,7 +1,8 @@
-"""Multi-device transforms: ``shard_map`` and ``pmap`` that thread state.
+"""Multi-device transforms: ``shard_map`` that threads state, and its core ``sharded``.
 
-Both are instances of :class:`~lift._lifting.Lifted`, like ``lift.jit`` and
-``lift.vmap``: a ``run`` applies :func:`jax.shard_map` to the pure function, with the
+``lift.shard_map`` and ``lift.pmap`` (:mod:`lift._pmap`, built on :func:`sharded`) are
+instances of :class:`~lift._lifting.Lifted`, like ``lift.jit`` and ``lift.vmap``: a
+``run`` applies :func:`jax.shard_map` to the pure function, with the
 state as one more argument (and one more output) whose partition specs are given per
 key. State is replicated unless said otherwise, and a replicated state may only take
 values that are the same on every device: JAX tracks which values vary across a mesh
@@ -14,21 +15,19 @@ after ``jax.distributed.initialize()``, and the same code runs on each.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Hashable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
-import jax.numpy as jnp
-import numpy as np
 from jax.sharding import Mesh, PartitionSpec
 
 from ._errors import LiftTypeError, LiftValueError, describe
 from ._export import State
 from ._keys import StateKey
 from ._lifting import Lifted, Pure
-from ._mapping import mapped_axes, per_key
+from ._mapping import per_key
 
-__all__ = ["pmap", "shard_map"]
+__all__ = ["pmap", "shard_map", "sharded"]
 
 _REPLICATED = PartitionSpec()
 
@@ -112,6 +111,42 @@ def _state_specs(state: State, state_specs: Any) -> dict[StateKey, Any]:
     )
 
 
+def sharded(
+    fn: Callable[..., tuple[Any, State]],
+    specs: dict[StateKey, Any],
+    *,
+    mesh: Any,
+    in_specs: Any,
+    out_specs: Any,
+    check_vma: bool,
+    what: str,
+    fix: str,
+    axis_names: Any = frozenset(),
+) -> Callable[[State, tuple], tuple[Any, State]]:
+    """:func:`jax.shard_map` of ``fn(state, *args) -> (out, new_state)``.
+
+    The state is one more argument and output, partitioned by ``specs`` per key; a
+    write of a device-varying value into state replicated over an axis is refused
+    (while JAX tracks varying values, ``check_vma``). Shared by ``shard_map`` and
+    ``pmap``; the result is called as ``(state, args)``.
+    """
+
+    def body(state: State, args: tuple) -> tuple[Any, State]:
+        out, new = fn(state, *args)
+        if check_vma:
+            _check_replicated(new, specs, what, fix)
+        return out, new
+
+    return jax.shard_map(
+        body,
+        mesh=mesh,
+        in_specs=(specs, in_specs),
+        out_specs=(out_specs, specs),
+        axis_names=axis_names,
+        check_vma=check_vma,
+    )
+
+
 def shard_map(
     f: Callable[..., Any] | None = None,
     /,
@@ -157,7 +192,7 @@ def shard_map(
         >>> from jax import lax
         >>> from jax.sharding import Mesh, PartitionSpec as P
         >>> import lift
-        >>> from lift._shard import shard_map
+        >>> from lift import shard_map
         >>> mesh = Mesh(jax.devices(), ("data",))
         >>> tree, state = lift.export_state({"mean": lift.StateEntry(jnp.zeros(()))})
         >>> @lift.stateful
@@ -193,19 +228,16 @@ def shard_map(
         pure = pures[0]
 
         def build() -> Callable[..., Any]:
-            def body(state: State, args: tuple) -> Any:
-                out, new = pure(state, *args)
-                if check_vma:
-                    _check_replicated(new, specs, "shard_map", fix)
-                return out, new
-
-            return jax.shard_map(
-                body,
+            return sharded(
+                pure,
+                specs,
                 mesh=mesh,
-                in_specs=(specs, _per_arg(in_specs, len(args))),
-                out_specs=(out_specs, specs),
-                axis_names=axis_names,
+                in_specs=_per_arg(in_specs, len(args)),
+                out_specs=out_specs,
                 check_vma=check_vma,
+                what="shard_map",
+                fix=fix,
+                axis_names=axis_names,
             )
 
         # Specs given as unhashable pytree prefixes make an unhashable key: no cache.
@@ -227,217 +259,5 @@ def _per_arg(in_specs: Any, n: int) -> Any:
     return in_specs
 
 
-# --------------------------------------------------------------------------- pmap
-
-
-def _leaf_axes(prefix: Any, tree: Any) -> list[int | None]:
-    """The axis of each leaf of ``tree``, from an axis spec that is a prefix of it."""
-    n = len(jax.tree_util.tree_leaves(tree))
-    if prefix is None or isinstance(prefix, int):
-        return [prefix] * n
-    axes, treedef = jax.tree_util.tree_flatten(prefix, is_leaf=lambda x: x is None)
-    out: list[int | None] = []
-    for sub, axis in zip(treedef.flatten_up_to(tree), axes, strict=True):
-        out += [axis] * len(jax.tree_util.tree_leaves(sub))
-    return out
-
-
-def _norm(axis: int | None, ndim: int) -> int | None:
-    return axis if axis is None or axis >= 0 else axis + ndim
-
-
-def _unmap(x: Any, axis: int | None) -> Any:
-    """Move the mapped axis (leading after shard_map) to ``axis``."""
-    return x if axis is None else jnp.moveaxis(x, 0, axis)
-
-
-def pmap(
-    f: Callable[..., Any],
-    axis_name: Hashable | None = None,
-    *,
-    in_axes: Any = 0,
-    out_axes: Any = 0,
-    state_axes: Any = None,
-    devices: Sequence[Any] | None = None,
-    axis_size: int | None = None,
-    check_vma: bool | None = None,
-) -> Lifted:
-    """:func:`jax.pmap` that threads state: one device per index of the mapped axis.
-
-    ``state_axes`` is as in :func:`lift.vmap`: ``None`` (state replicated on every
-    device), an int (every key mapped over that axis, one slice per device), or
-    ``{filter: axis}``; keys found inside a mapped argument are mapped over its axis.
-    Replicated state is broadcast in and must come out the same on every device:
-    writing a per-device value into it is an error; reduce it with
-    ``lax.pmean(value, axis_name)`` first.
-
-    This is :func:`jax.shard_map` over a one-axis mesh of ``devices`` (default: the
-    first local devices), compiled with :func:`jax.jit`, which is how JAX 0.10
-    implements ``jax.pmap`` too. Arguments are global arrays of this process's devices;
-    to span several hosts, use :func:`lift.shard_map` with a mesh over
-    ``jax.devices()``.
-
-    Unlike ``jax.pmap``, lift keeps JAX's tracking of device-varying values on, to
-    check state writes. JAX cannot track them through a collective over the device
-    axis and a vmapped axis together (``lax.pmean(x, ("dev", "batch"))`` with
-    ``lift.vmap(..., axis_name="batch")`` inside): with ``check_vma=None`` (the
-    default) lift then traces ``f`` once more without tracking, as ``jax.pmap`` does,
-    and keeps that choice for later calls; so ``f``'s Python runs twice while it is
-    first traced, and writes into replicated state are taken on trust (each device
-    must write the same value). Pass ``check_vma=False`` to skip the first attempt, or
-    ``True`` to make such a collective an error.
-
-    Args:
-        f: the implicit function.
-        axis_name: the name of the mapped axis, for collectives inside ``f``.
-        in_axes: an int, ``None`` or a tree of them per positional argument (keyword
-            arguments are mapped over axis 0).
-        out_axes: an int, ``None`` or a tree of them for the output.
-        state_axes: ``None``, an int, or ``{filter: axis}``.
-        devices: the devices to run on, one per index of the mapped axis.
-        axis_size: the size of the mapped axis when no argument is mapped.
-        check_vma: track device-varying values to check writes into replicated
-            state: ``True``, ``False``, or ``None`` (track when JAX can).
-
-    Returns:
-        The implicit function.
-
-    Examples:
-        >>> import jax, jax.numpy as jnp
-        >>> from jax import lax
-        >>> import lift
-        >>> from lift._shard import pmap
-        >>> tree, state = lift.export_state({"total": lift.StateEntry(jnp.zeros(()))})
-        >>> def add(x):
-        ...     lift.set(tree["total"], lift.get(tree["total"]) + lax.psum(x, "i"))
-        ...     return 2 * x
-        >>> out, state = lift.stateful(pmap(add, "i"))(state, jnp.arange(4.0))
-        >>> out, state[tree["total"]]
-        (Array([0., 2., 4., 6.], dtype=float32), Array(6., dtype=float32))
-    """
-    name = "_lift_pmap_axis" if axis_name is None else axis_name
-    fix = "`state_axes={{StateKey({key!r}): 0}}`"
-    untracked: set[Pure] = set()  # functions JAX could not trace with check_vma
-
-    def call(pure: Pure, state: State, args: tuple, kwargs: dict, check: bool) -> Any:
-        spec, axes = mapped_axes(state, state_axes, in_axes, args, kwargs, "pmap")
-        keys = list(state)
-        values = [state[k] for k in keys]
-        leaves, treedef = jax.tree_util.tree_flatten((values, args, kwargs))
-        leaf_axes = (
-            [a for k in keys for a in _leaf_axes(axes[k], state[k])]
-            + _leaf_axes(spec, args)
-            + _leaf_axes(0, kwargs)
-        )
-        leaf_axes = [
-            _norm(a, jnp.ndim(x)) for x, a in zip(leaves, leaf_axes, strict=True)
-        ]
-        sizes = {
-            x.shape[a] for x, a in zip(leaves, leaf_axes, strict=True) if a is not None
-        }
-        if axis_size is not None:
-            sizes.add(axis_size)
-        if len(sizes) != 1:
-            raise LiftValueError(
-                "`lift.pmap`: "
-                + (
-                    "the mapped axes have different sizes " + str(sorted(sizes))
-                    if sizes
-                    else "no argument is mapped and `axis_size` is not given"
-                )
-                + "; map arguments (and state) of one size, one index per device."
-            )
-        (size,) = sizes
-        devs = list(devices) if devices is not None else jax.local_devices()[:size]
-        if len(devs) != size:
-            raise LiftValueError(
-                f"`lift.pmap`: the mapped axis has size {size} but "
-                f"{len(devs)} devices are available to map it over; map at most "
-                f"{len(jax.local_devices())} (the local device count), or pass "
-                "`devices`."
-            )
-        mesh = Mesh(np.asarray(devs), (name,))
-        moved = [
-            x if a is None else jnp.moveaxis(x, a, 0)
-            for x, a in zip(leaves, leaf_axes, strict=True)
-        ]
-        in_specs = [
-            _REPLICATED if a is None else PartitionSpec(name) for a in leaf_axes
-        ]
-        mapped_keys = {k for k in keys if axes[k] is not None}
-        state_specs = {
-            k: PartitionSpec(name) if k in mapped_keys else _REPLICATED for k in keys
-        }
-        out_prefix = jax.tree_util.tree_map(
-            lambda a: _REPLICATED if a is None else PartitionSpec(name),
-            out_axes,
-            is_leaf=lambda x: x is None,
-        )
-
-        def body(flat: list) -> Any:
-            flat = [
-                x if a is None else x[0] for x, a in zip(flat, leaf_axes, strict=True)
-            ]
-            values, args, kwargs = jax.tree_util.tree_unflatten(treedef, flat)
-            local = dict(zip(keys, values, strict=True))
-            out, new = pure(local, *args, **kwargs)
-            if check:
-                _check_replicated(
-                    new,
-                    {k: s for k, s in state_specs.items() if k not in mapped_keys},
-                    "pmap",
-                    fix,
-                )
-            out_leaves, out_def = jax.tree_util.tree_flatten(out)
-            out_leaves = [
-                x if a is None else x[None]
-                for x, a in zip(out_leaves, _leaf_axes(out_axes, out), strict=True)
-            ]
-            new = {
-                k: jax.tree_util.tree_map(lambda x: x[None], v)
-                if k in mapped_keys
-                else v
-                for k, v in new.items()
-            }
-            return jax.tree_util.tree_unflatten(out_def, out_leaves), new
-
-        out, new = jax.shard_map(
-            body,
-            mesh=mesh,
-            in_specs=(in_specs,),
-            out_specs=(out_prefix, state_specs),
-            check_vma=check,
-        )(moved)
-        out_leaves, out_def = jax.tree_util.tree_flatten(out)
-        out_leaves = [
-            _unmap(x, a)
-            for x, a in zip(out_leaves, _leaf_axes(out_axes, out), strict=True)
-        ]
-        new = {
-            k: jax.tree_util.tree_map(lambda x, a=axes[k]: _unmap(x, a), v)
-            for k, v in new.items()
-        }
-        return jax.tree_util.tree_unflatten(out_def, out_leaves), new
-
-    def build(pure: Pure, check: bool) -> Callable[..., Any]:
-        return jax.jit(
-            lambda state, args, kwargs: call(pure, state, args, kwargs, check)
-        )
-
-    def run(pures: Sequence[Pure], state: State, *args: Any, **kwargs: Any) -> Any:
-        pure = pures[0]
-        check = check_vma is not False and pure not in untracked
-        try:
-            return pure.built(check, lambda: build(pure, check))(state, args, kwargs)
-        except ValueError as err:
-            if not (check and check_vma is None and _untrackable(err)):
-                raise
-        untracked.add(pure)
-        return pure.built(False, lambda: build(pure, False))(state, args, kwargs)
-
-    return Lifted((f,), run, name="pmap")
-
-
-def _untrackable(err: ValueError) -> bool:
-    """Whether JAX refused a collective because it cannot track its axes' varying."""
-    return "can only accept axis_name which corresponds to one of" in str(err)
+# `pmap` is built on `sharded` above; importable from here as well.
+from ._pmap import pmap  # noqa: E402
