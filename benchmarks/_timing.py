@@ -305,7 +305,15 @@ def machine_info() -> dict[str, Any]:
         "jax_backend": jax.default_backend(),
         "versions": {
             name: _version(name)
-            for name in ("lift", "jax", "jaxlib", "equinox", "inox", "flax", "dm-haiku")
+            for name in (
+                "jax-lift",
+                "jax",
+                "jaxlib",
+                "equinox",
+                "inox",
+                "flax",
+                "dm-haiku",
+            )
         },
         "quick": quick(),
         "timer": os.environ.get("LIFT_BENCH_TIMER", "wall"),
