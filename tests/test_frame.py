@@ -9,6 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from helpers import make_counter, tick
+from hypothesis import given
+from hypothesis import strategies as st
 
 import lift
 
@@ -650,3 +652,30 @@ def test_a_returned_coroutine_cannot_use_another_calls_frame():
 
     returned, _ = lift.stateful(lambda: plain())(state_a)
     assert asyncio.run(returned) == 7  # a coroutine not using state still works
+
+
+@given(
+    keys=st.lists(
+        st.one_of(
+            st.text(max_size=5).map(lambda s: lift.StateKey(f"[{s!r}]")),
+            st.text(max_size=5),
+            st.integers(),
+        ),
+        max_size=5,
+        unique_by=lambda k: (type(k) is lift.StateKey, k),
+    )
+)
+def test_the_first_argument_check(keys):
+    # Cheap by design: a dict is checked by its first key (a model's keys are never
+    # StateKeys); the full check runs only when that one fails.
+    state = {}
+    for k in keys:
+        state.setdefault(k, jnp.zeros(()))
+    pure = lift.stateful(lambda: None)
+    if all(type(k) is lift.StateKey for k in state):
+        assert pure(state) == (None, state)
+    elif type(next(iter(state))) is not lift.StateKey:
+        with pytest.raises(lift.LiftTypeError, match=r"step\(state, \*args\)") as info:
+            pure(state)
+        bad = next(k for k in state if type(k) is not lift.StateKey)
+        assert repr(bad) in str(info.value)
