@@ -30,9 +30,17 @@ from ._errors import LiftTypeError, LiftValueError, TraceError, describe
 from ._tracing import _ArrayImpl as ArrayImpl
 from ._tracing import dead_tracer
 
+try:
+    from jax._src.random.prng import PRNGKeyArray
+except ImportError:  # pragma: no cover - a future JAX: keys take the checked path
+    PRNGKeyArray = ArrayImpl
+
 __all__ = ["check_value"]
 
 _SCALARS = (bool, int, float, complex)
+# Concrete array types whose `aval` says all: jax arrays and typed PRNG key arrays
+# (named without making a key, which would start a backend at import).
+_ARRAYS = frozenset({ArrayImpl, PRNGKeyArray})
 _SCALAR_RANK = {bool: 0, int: 1, float: 2, complex: 3}
 
 
@@ -50,7 +58,7 @@ def check_value(key: Any, old: Any, new: Any, *, where: str) -> Any:
     # value's type and abstract value (shape, dtype, weak type).
     if (
         kind is type(old)
-        and (kind is ArrayImpl or isinstance(new, Tracer))
+        and (kind in _ARRAYS or isinstance(new, Tracer))
         and new.aval == old.aval
         and not dead_tracer(new)
     ):
@@ -78,11 +86,12 @@ def _leaf(
     """One leaf of :func:`check_value`: ``new`` checked against ``old``."""
     _check_kind(key, new, where)
     old_dtype = getattr(old, "dtype", None)
-    target = (
-        jax.dtypes.result_type(old)
-        if old_dtype is None
-        else jax.dtypes.canonicalize_dtype(old_dtype)
-    )
+    if old_dtype is None:
+        target = jax.dtypes.result_type(old)
+    elif jnp.issubdtype(old_dtype, jax.dtypes.extended):  # PRNG keys: as they are
+        target = old_dtype
+    else:
+        target = jax.dtypes.canonicalize_dtype(old_dtype)
     old_shape = getattr(old, "shape", None)
     if old_shape is None:
         old_shape = np.shape(old)

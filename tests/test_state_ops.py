@@ -272,6 +272,17 @@ def test_a_tracer_of_a_finished_transform_is_refused(write):
         write(state, key, leaked[0])
 
 
+@WRITERS
+def test_prng_key_state_takes_new_keys_and_refuses_raw_key_data(write):
+    tree, state = export_state({"rng": StateEntry(jax.random.key(0))})
+    key = tree["rng"]
+    new_key = jax.random.split(state[key])[0]
+    stored = write(state, key, new_key)[key]
+    assert stored is new_key
+    with pytest.raises(lift.LiftValueError, match=r"\['rng'\]"):
+        write(state, key, jax.random.key_data(new_key))
+
+
 def test_a_live_tracer_is_accepted_under_jit():
     key, state = _one()
     new = jax.jit(lambda s, v: update_state(s, {key: v}))(state, jnp.ones(3))
