@@ -255,7 +255,8 @@ done_step
 step "the installed wheel: quickstart (quick mode) and every public module"
 OUTSIDE=$TMP/outside
 mkdir -p "$OUTSIDE"
-cp examples/quickstart.py "$OUTSIDE/"
+# The whole folder, in case an example imports a module beside it.
+cp -r examples "$OUTSIDE/examples"
 (
     cd "$OUTSIDE"
     env -u PYTHONPATH "$WHEEL_VENV/bin/python" - "$ROOT" <<'EOF'
@@ -282,7 +283,7 @@ for name in public:
 print(f"lift {lift.__version__} from {package}: imported lift.{{{','.join(public)}}}")
 EOF
     LIFT_EXAMPLES_QUICK=1 MPLBACKEND=Agg env -u PYTHONPATH \
-        "$WHEEL_VENV/bin/python" quickstart.py >"$TMP/quickstart.log" 2>&1 || {
+        "$WHEEL_VENV/bin/python" examples/quickstart.py >"$TMP/quickstart.log" 2>&1 || {
         cat "$TMP/quickstart.log"
         fail "examples/quickstart.py failed with the installed wheel"
     }
