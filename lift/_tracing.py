@@ -128,9 +128,9 @@ def foreign_kind(trace: Any) -> str | None:
 
     ``None`` when array references made in ``trace`` can thread state through the
     running trace (a loop, ``jit`` or ``vmap`` nested in it). ``"detached"`` when the
-    running trace is not nested in ``trace`` at all, or is the function of a
-    ``jax.custom_jvp``/``custom_vjp``, which JAX traces apart: a reference would leak
-    out of it, or JAX cannot discharge it.
+    running trace is not nested in ``trace`` at all (``jax.shard_map``'s, which hides
+    its parent), or is the function of a ``jax.custom_jvp``/``custom_vjp``, which JAX
+    traces apart: a reference would leak out of it, or JAX cannot discharge it.
     ``"checkpoint"`` when a ``jax.checkpoint`` lies between them under differentiation,
     which JAX 0.10.2 cannot transpose with a reference in it.
     """

@@ -674,3 +674,35 @@ def test_a_cached_raw_jit_in_a_nested_stateful_call_is_reported_once(model):
         outer(state, jnp.ones(3))
     assert str(info.value).count("earlier call") == 1
     assert not isinstance(info.value.__cause__, lift.LiftError)
+
+
+@pytest.mark.parametrize("jitted", [False, True], ids=["eager", "jit"])
+def test_raw_shard_map_reads_state_and_a_write_names_lift_shard_map(model, jitted):
+    from jax.sharding import Mesh
+    from jax.sharding import PartitionSpec as P
+
+    tree, state = model
+    state = {**state, tree["n"]: jnp.asarray(5, jnp.int32)}
+    mesh = Mesh(jax.devices(), ("d",))
+    xs = jnp.arange(len(jax.devices()), dtype=jnp.int32)
+
+    def run(body):
+        f = lift.stateful(
+            lambda x: jax.shard_map(body, mesh=mesh, in_specs=P("d"), out_specs=P("d"))(
+                x
+            )
+        )
+        return (lift.jit(f) if jitted else f)(state, xs)
+
+    out, new = run(lambda x: x + lift.get(tree["n"]))
+    np.testing.assert_array_equal(out, np.arange(len(jax.devices())) + 5)
+    assert new[tree["n"]] is state[tree["n"]] or int(new[tree["n"]]) == 5
+
+    def write(x):
+        lift.set(tree["n"], lift.get(tree["n"]) + 1)
+        return x
+
+    with pytest.raises(lift.TraceError) as info:
+        run(write)
+    assert "['n']" in str(info.value)
+    assert "lift.shard_map" in str(info.value)
