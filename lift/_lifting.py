@@ -9,15 +9,16 @@ into the frame and static outputs are unwrapped.
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Callable, Hashable, Iterable, Sequence
 from typing import Any
 
 from ._errors import LiftTypeError
 from ._export import State
 from ._frame import _FRAME, run_in_frame
+from ._keys import StateKey
 from ._static import mask, unmask
 
-__all__ = ["Lifted", "Pure", "lift_transform"]
+__all__ = ["Lifted", "Pure", "lift_transform", "refuse_varying_writes"]
 
 # run(pures, state, *args, **kwargs) -> (out, new_state): applies a JAX transform to the
 # pure functions `pure(state, *args, **kwargs) -> (out, new_state)` and calls it.
@@ -110,6 +111,24 @@ class Pure:
         if fn is None:
             fn = self._built[key] = build()
         return fn
+
+
+def refuse_varying_writes(
+    leaves: Iterable[tuple[StateKey, Any, Any]],
+    varies: Callable[[Any, Any], Any],
+    error: Callable[[StateKey, Any, Any, Any], Exception],
+) -> None:
+    """Refuse a per-example (per-device) value written into state shared by the map.
+
+    The check of every mapping transform: ``leaves`` gives ``(key, leaf, where)`` for
+    the new values of shared state, ``varies(leaf, where)`` says how ``leaf`` differs
+    across the mapped axis (falsy: it does not), and ``error(key, leaf, where, how)``
+    is the error to raise, naming the key.
+    """
+    for key, leaf, where in leaves:
+        how = varies(leaf, where)
+        if how:
+            raise error(key, leaf, where, how)
 
 
 class Lifted:

@@ -10,7 +10,7 @@ import jax
 from ._errors import LiftTypeError, LiftValueError, describe
 from ._export import State, match_filters
 from ._keys import StateKey
-from ._lifting import Lifted, Pure
+from ._lifting import Lifted, Pure, refuse_varying_writes
 from ._tracing import batched_here
 
 __all__ = ["check_rank", "mapped_axes", "per_key", "resolve_axes", "vmap"]
@@ -132,6 +132,17 @@ def mapped_axes(
     return spec, axes
 
 
+def _batched_write(key: StateKey, leaf: Any, where: Any, how: Any) -> LiftValueError:
+    return LiftValueError(
+        f"`lift.vmap`: the new value of {str(key)!r} differs across the batch, but "
+        "that state is shared by the batch (its state axis is None), so one value per "
+        "example cannot be written to it. Reduce it over the batch: pass "
+        "`axis_name='batch'` and write `lax.pmean(value, 'batch')`; or keep one state "
+        f"per example with `state_axes={{StateKey({str(key)!r}): 0}}` (the state then "
+        "needs that batch axis)."
+    )
+
+
 def vmap(
     f: Callable[..., Any],
     in_axes: Any = 0,
@@ -171,17 +182,15 @@ def vmap(
 
         def body(state: State, args: tuple, kwargs: dict) -> Any:
             out, new = pures[0](state, *args, **kwargs)
-            for key in shared:
-                if any(map(batched_here, jax.tree_util.tree_leaves(new[key]))):
-                    raise LiftValueError(
-                        f"`lift.vmap`: the new value of {str(key)!r} differs across "
-                        "the batch, but that state is shared by the batch (its state "
-                        "axis is None), so one value per example cannot be written to "
-                        "it. Reduce it over the batch: pass `axis_name='batch'` and "
-                        "write `lax.pmean(value, 'batch')`; or keep one state per "
-                        f"example with `state_axes={{StateKey({str(key)!r}): 0}}` (the "
-                        "state then needs that batch axis)."
-                    )
+            refuse_varying_writes(
+                (
+                    (key, leaf, None)
+                    for key in shared
+                    for leaf in jax.tree_util.tree_leaves(new[key])
+                ),
+                lambda leaf, _: batched_here(leaf),
+                _batched_write,
+            )
             return out, new
 
         return jax.vmap(

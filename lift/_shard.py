@@ -24,7 +24,7 @@ from jax.sharding import Mesh, PartitionSpec
 from ._errors import LiftTypeError, LiftValueError, describe
 from ._export import State
 from ._keys import StateKey
-from ._lifting import Lifted, Pure
+from ._lifting import Lifted, Pure, refuse_varying_writes
 from ._mapping import per_key
 
 __all__ = ["pmap", "shard_map", "sharded"]
@@ -82,19 +82,27 @@ def _check_replicated(
     new: State, specs: Mapping[StateKey, Any], what: str, fix: str
 ) -> None:
     """Refuse a write of a device-varying value into state replicated over an axis."""
-    for key, spec in specs.items():
-        for leaf, leaf_spec in _leaf_specs(spec, new[key]):
-            extra = varying_axes(leaf) - _spec_axes(leaf_spec)
-            if extra:
-                axis = sorted(map(str, extra))[0]
-                raise LiftValueError(
-                    f"`lift.{what}`: the new value of {str(key)!r} ({describe(leaf)}) "
-                    f"differs across the devices of mesh axis {axis!r}, but that state "
-                    f"is replicated over it (its spec is {leaf_spec}), so one value "
-                    "per device cannot be written to it. Reduce it over the axis first "
-                    f"(`lax.pmean(value, {axis!r})`), or keep one value per device "
-                    f"with {fix.format(key=str(key), axis=axis)}."
-                )
+
+    def error(key: StateKey, leaf: Any, spec: Any, extra: frozenset) -> Exception:
+        axis = sorted(map(str, extra))[0]
+        return LiftValueError(
+            f"`lift.{what}`: the new value of {str(key)!r} ({describe(leaf)}) "
+            f"differs across the devices of mesh axis {axis!r}, but that state "
+            f"is replicated over it (its spec is {spec}), so one value "
+            "per device cannot be written to it. Reduce it over the axis first "
+            f"(`lax.pmean(value, {axis!r})`), or keep one value per device "
+            f"with {fix.format(key=str(key), axis=axis)}."
+        )
+
+    refuse_varying_writes(
+        (
+            (key, leaf, leaf_spec)
+            for key, spec in specs.items()
+            for leaf, leaf_spec in _leaf_specs(spec, new[key])
+        ),
+        lambda leaf, spec: varying_axes(leaf) - _spec_axes(spec),
+        error,
+    )
 
 
 # ---------------------------------------------------------------------- shard_map
