@@ -305,8 +305,9 @@ def _unthreadable(key: Any, what: str, kind: str) -> TraceError:
     return TraceError(
         f"{call} inside a function that JAX traces apart from the frame's "
         "computation, so the state cannot flow in or out of it: the body of a raw "
-        "`jax.shard_map`, or the function of a `jax.custom_jvp`/`custom_vjp` under a "
-        "transform. Use `lift.shard_map` in place of `jax.shard_map`. For a custom "
+        "`jax.shard_map` or `jax.pmap`, or the function of a `jax.custom_jvp`/"
+        "`custom_vjp` under a transform. Use `lift.shard_map`/`lift.pmap` in place "
+        "of `jax.shard_map`/`jax.pmap`. For a custom "
         "derivative, read the state before calling the function and pass it in as an "
         "argument; return the new value and `lift.set` it after the call."
     )

@@ -129,8 +129,9 @@ def foreign_kind(trace: Any) -> str | None:
     ``None`` when array references made in ``trace`` can thread state through the
     running trace (a loop, ``jit`` or ``vmap`` nested in it). ``"detached"`` when the
     running trace is not nested in ``trace`` at all (``jax.shard_map``'s, which hides
-    its parent), or is the function of a ``jax.custom_jvp``/``custom_vjp``, which JAX
-    traces apart: a reference would leak out of it, or JAX cannot discharge it.
+    its parent), or is the body of a ``jax.shard_map``/``pmap`` or the function of a
+    ``jax.custom_jvp``/``custom_vjp``, which JAX traces apart: a reference would leak
+    out of it, or JAX cannot discharge it there.
     ``"checkpoint"`` when a ``jax.checkpoint`` lies between them under differentiation,
     which JAX 0.10.2 cannot transpose with a reference in it.
     """
@@ -142,7 +143,7 @@ def foreign_kind(trace: Any) -> str | None:
         frame = getattr(current, "frame", None)
         info = getattr(frame, "debug_info", None)
         traced_for = str(getattr(info, "traced_for", ""))
-        if traced_for.startswith(("custom_jvp", "custom_vjp")):
+        if traced_for.startswith(("custom_jvp", "custom_vjp", "shard_map", "pmap")):
             return "detached"
         if traced_for.startswith("checkpoint"):
             remat = True

@@ -677,7 +677,8 @@ def test_a_cached_raw_jit_in_a_nested_stateful_call_is_reported_once(model):
 
 
 @pytest.mark.parametrize("jitted", [False, True], ids=["eager", "jit"])
-def test_raw_shard_map_reads_state_and_a_write_names_lift_shard_map(model, jitted):
+@pytest.mark.parametrize("raw", ["shard_map", "pmap"])
+def test_raw_shard_map_reads_state_and_a_write_names_lift_shard_map(model, jitted, raw):
     from jax.sharding import Mesh
     from jax.sharding import PartitionSpec as P
 
@@ -687,11 +688,11 @@ def test_raw_shard_map_reads_state_and_a_write_names_lift_shard_map(model, jitte
     xs = jnp.arange(len(jax.devices()), dtype=jnp.int32)
 
     def run(body):
-        f = lift.stateful(
-            lambda x: jax.shard_map(body, mesh=mesh, in_specs=P("d"), out_specs=P("d"))(
-                x
-            )
-        )
+        if raw == "pmap":
+            mapped = jax.pmap(body)
+        else:
+            mapped = jax.shard_map(body, mesh=mesh, in_specs=P("d"), out_specs=P("d"))
+        f = lift.stateful(lambda x: mapped(x))
         return (lift.jit(f) if jitted else f)(state, xs)
 
     out, new = run(lambda x: x + lift.get(tree["n"]))
@@ -705,4 +706,4 @@ def test_raw_shard_map_reads_state_and_a_write_names_lift_shard_map(model, jitte
     with pytest.raises(lift.TraceError) as info:
         run(write)
     assert "['n']" in str(info.value)
-    assert "lift.shard_map" in str(info.value)
+    assert f"lift.{raw}" in str(info.value)
