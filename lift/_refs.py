@@ -54,10 +54,11 @@ class Frame:
         self.trace: Any = TRACE.value
         # key -> [tree of references, written?], made on first use in another trace.
         self.refs: dict[Any, list[Any]] | None = None
-        # Keys read inside a function JAX traces apart (a custom_jvp's) since the
-        # frame's trace last ran: a write in a foreign trace now would make that read
-        # stale if both are in one loop body, so it is refused.
-        self.detached: dict[Any, None] | None = None
+        # Keys read, since the frame's trace last ran, where a later write in a
+        # foreign trace would not be seen (inside a function JAX traces apart, such
+        # as a custom_jvp's, or a raw while_loop's condition) -> where; such a write
+        # is refused.
+        self.detached: dict[Any, str] | None = None
 
     def _missing(self, key: Any, what: str) -> LiftKeyError:
         return LiftKeyError(
@@ -98,19 +99,21 @@ class Frame:
             return self.state[key]
         if not self.mutable:  # nothing can change: the value is a constant
             return value
-        if (self.refs is None or key not in self.refs) and foreign_kind(
-            self.trace
-        ) == "detached":
-            # JAX closes over the value, as over any outer value. Until the frame's
-            # trace runs again, the slow path watches for a write that would make it
-            # stale.
-            if self.detached is None:
-                self.detached = {}
-            self.detached[key] = None
-            if self.refs is None:
-                self.refs = {}
-            return value
+        kind = foreign_kind(self.trace)
+        if kind == "detached" and (self.refs is None or key not in self.refs):
+            self._watch(key, kind)
+            return value  # JAX closes over it, as over any outer value
+        if kind == "while_cond":
+            self._watch(key, kind)
         return jax.tree_util.tree_map(_deref, self._ref(key, "get")[0])
+
+    def _watch(self, key: Any, where: str) -> None:
+        """Refuse a later foreign write of ``key`` until the frame's trace runs."""
+        if self.detached is None:
+            self.detached = {}
+        self.detached[key] = where
+        if self.refs is None:
+            self.refs = {}  # so that the frame's trace takes the slow path and clears
 
     def write(self, key: Any, value: Any) -> None:
         """A checked write, as done by :func:`set`."""
@@ -150,8 +153,10 @@ class Frame:
             self.state[key] = value
             return
         kind = foreign_kind(self.trace)
-        if kind is None and self.detached is not None and key in self.detached:
-            kind = "stale"
+        if kind in (None, "while_cond"):
+            kind = None
+            if self.detached is not None and key in self.detached:
+                kind = "stale " + self.detached[key]
         if kind is not None:
             raise _unthreadable(key, "set", kind)
         entry = self._ref(key, "set")
@@ -167,7 +172,7 @@ class Frame:
         if refs is None:
             refs = self.refs = {}
         kind = foreign_kind(self.trace)
-        if kind is not None:
+        if kind in ("detached", "checkpoint"):
             raise _unthreadable(key, what, kind)
         entry = refs.get(key)
         if entry is None:
@@ -287,7 +292,15 @@ def cached_reference(name: str, err: RuntimeError) -> TraceError:
 
 def _unthreadable(key: Any, what: str, kind: str) -> TraceError:
     call = f"`lift.{what}({key!r}{', ...' if what == 'set' else ''})`"
-    if kind == "stale":
+    if kind == "stale while_cond":
+        return TraceError(
+            f"{call} in the body of a raw `lax.while_loop` whose condition reads "
+            f"{str(key)!r}: JAX 0.10.2 gives the condition that state's value from "
+            "loop entry, never the body's writes, so the loop would not see them. "
+            "Use `lift.while_loop`, whose condition reads the carried state, or make "
+            "the condition depend on the loop's carry instead of on state."
+        )
+    if kind.startswith("stale"):
         return TraceError(
             f"{call} under a JAX transform lift does not own (a raw loop body, "
             f"...), after `lift.get({key!r})` read it inside a `jax.custom_jvp` or "

@@ -133,10 +133,12 @@ def foreign_kind(trace: Any) -> str | None:
     ``jax.custom_jvp``/``custom_vjp``, which JAX traces apart: a reference would leak
     out of it, or JAX cannot discharge it there.
     ``"checkpoint"`` when a ``jax.checkpoint`` lies between them under differentiation,
-    which JAX 0.10.2 cannot transpose with a reference in it.
+    which JAX 0.10.2 cannot transpose with a reference in it. ``"while_cond"`` inside
+    the condition of a raw ``lax.while_loop``, where JAX 0.10.2 reads a reference's
+    value from loop entry.
     """
     current = TRACE.value
-    remat = False
+    remat = cond = False
     while current is not None and current is not trace:
         if remat and isinstance(current, _AD_TRACES):
             return "checkpoint"
@@ -147,12 +149,13 @@ def foreign_kind(trace: Any) -> str | None:
             return "detached"
         if traced_for.startswith("checkpoint"):
             remat = True
+        cond = cond or traced_for == "while_cond"
         current = getattr(current, "parent_trace", None)
     if current is None:
         return "detached"
     if remat and isinstance(current, _AD_TRACES):
         return "checkpoint"
-    return None
+    return "while_cond" if cond else None
 
 
 def with_cache_miss(

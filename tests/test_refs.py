@@ -184,16 +184,13 @@ def test_raw_loop_only_reading_state(model):
     np.testing.assert_array_equal(new[tree["acc"]], [1.0, 2.0, 3.0])
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="JAX 0.10.2: an array reference read in a raw `lax.while_loop`'s cond_fun "
-    "sees its value at loop entry (plain JAX reproduces it without lift), and eagerly "
-    "JAX refuses the loop. Documented in docs/transforms/third-party-loops.md; "
-    "`lift.while_loop` is correct.",
-)
 @pytest.mark.parametrize("jitted", [False, True], ids=["eager", "jit"])
-def test_raw_while_cond_reading_state_matches_lifted(model, jitted):
-    """A raw ``while_loop`` whose condition reads state its body writes."""
+def test_raw_while_cond_reading_state_the_body_writes_is_refused(model, jitted):
+    """A raw ``while_loop`` whose condition reads state its body writes.
+
+    JAX 0.10.2 gives such a condition the value from loop entry: a TraceError that
+    names the key and ``lift.while_loop``, never a loop that runs on a stale value.
+    """
     tree, state = model
 
     def body(i):
@@ -211,9 +208,53 @@ def test_raw_while_cond_reading_state_matches_lifted(model, jitted):
     lifted_i, lifted = run(lift.while_loop)
     assert int(lifted_i) == 4
     assert int(lifted[tree["n"]]) == 12
-    raw_i, raw = run(lax.while_loop)
-    assert int(raw_i) == 4
-    assert int(raw[tree["n"]]) == 12
+    with pytest.raises(lift.TraceError) as info:
+        run(lax.while_loop)
+    msg = str(info.value)
+    assert "['n']" in msg
+    assert "lift.while_loop" in msg
+
+
+@pytest.mark.parametrize("jitted", [False, True], ids=["eager", "jit"])
+def test_raw_while_cond_reading_state_the_body_does_not_write(model, jitted):
+    tree, state = model
+    state = {**state, tree["n"]: jnp.asarray(4, jnp.int32)}
+
+    def loop():
+        def body(i):
+            lift.set(tree["acc"], lift.get(tree["acc"]) + 1.0)
+            return i + 1
+
+        return lax.while_loop(lambda i: i < lift.get(tree["n"]), body, 0)
+
+    f = lift.stateful(loop)
+    i, new = (lift.jit(f) if jitted else f)(state)
+    assert int(i) == 4
+    np.testing.assert_array_equal(new[tree["acc"]], np.full(3, 4.0))
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="JAX 0.10.2: an array reference read in a raw `lax.while_loop`'s cond_fun "
+    "sees its value at loop entry. When JAX fixes it, this passes: lift can then let "
+    "such loops run (test above, docs/transforms/third-party-loops.md).",
+)
+def test_jax_while_cond_sees_reference_writes():
+    """Plain JAX, no lift: the canary for the refusal above."""
+
+    @jax.jit
+    def run():
+        ref = jax.new_ref(jnp.int32(0))
+
+        def body(i):
+            ref[...] = ref[...] + 3
+            return i + 1
+
+        i = lax.while_loop(lambda i: (ref[...] < 10) & (i < 50), body, 0)
+        return i, ref[...]
+
+    i, n = run()
+    assert (int(i), int(n)) == (4, 12)
 
 
 # -------------------------------------------------------------------- raw vmap
