@@ -269,7 +269,13 @@ def update_state(
 
     Raises:
         LiftKeyError: a key of ``mutation`` is not in ``state``.
-        LiftValueError: a new value changes the structure, shape or dtype.
+        LiftValueError: a new value changes the structure, shape or dtype (a numpy
+            array JAX would turn into the state's dtype, such as float64 into
+            float32, is cast when every element survives exactly; a Python number
+            when it fits).
+        LiftTypeError: a new value is not an array (a string, an object, an object
+            array, a ``jax.ShapeDtypeStruct``).
+        TraceError: a new value is a tracer of a transform that has finished.
 
     Examples:
         >>> import jax.numpy as jnp
