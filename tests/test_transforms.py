@@ -532,6 +532,37 @@ def test_jit_donate_argnums_top_level_counts_user_arguments(model, donate, call)
     assert_close(newer_w, -np.ones(3))
 
 
+@pytest.mark.parametrize("fast", [True, False], ids=["fast", "general"])
+def test_jit_options_mean_the_same_on_both_paths(model, fast):
+    # The C++ dispatch layer on or off (`LIFT_JIT_FAST_PATH`): same results, same
+    # donation, same errors, same `lower`.
+    from lift._jit import use_fast_path
+
+    tree, state = model
+    old = use_fast_path(fast)
+    try:
+        step = lift.jit(
+            lift.stateful(lambda w, x, scale: _sgd(tree, w, scale * x)),
+            donate_state=True,
+            donate_argnums=0,
+            keep_unused=True,
+        )
+    finally:
+        use_fast_path(old)
+    w = jnp.ones(3)
+    hlo = step.lower(state, w, jnp.ones(3), jnp.float32(2)).as_text()
+    assert "stablehlo" in hlo
+    new_w, new = step(state, w, jnp.ones(3), 2.0)  # a Python number: static
+    assert_close(new_w, -np.ones(3))
+    assert int(new[tree["n"]]) == 1
+    assert w.is_deleted()
+    assert state[tree["n"]].is_deleted()
+    with pytest.raises(lift.LiftValueError, match=r"donat.*\['acc'\]"):
+        step(state, new_w, jnp.ones(3), 2.0)
+    with pytest.raises(lift.LiftValueError, match=r"donat.*argument 1"):
+        step(new, w, jnp.ones(3), 2.0)
+
+
 def test_jit_donate_argnums_without_state():
     step = lift.jit(lambda w, x: w - x, donate_argnums=(0,))
     w = jnp.ones(3)
