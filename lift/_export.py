@@ -7,11 +7,8 @@ other functions here build new state dicts from old ones without mutating them.
 
 from __future__ import annotations
 
-import contextlib
-import gc
 import operator
-import threading
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, TypeVar
 
 import jax
@@ -25,7 +22,13 @@ from ._keys import (
     matches,
     not_a_key,
 )
-from ._swap import _LEAF_TYPES, export_entries, import_keys
+from ._swap import (
+    _LEAF_TYPES,
+    export_entries,
+    import_keys,
+    pause_collector,
+    resume_collector,
+)
 from ._values import check_value
 
 __all__ = [
@@ -128,9 +131,17 @@ def export_state(
             f"`export_state(prefix=...)` must be a str, got {type(prefix).__name__}. "
             "Pass for example `prefix='encoder'`."
         )
-    prefix = prefix or ""
-    with _collector_paused():
-        new_tree, walk = export_entries(tree, prefix, is_leaf)
+    pause_collector()
+    try:
+        return _export(tree, prefix or "", is_leaf)
+    finally:
+        resume_collector()
+
+
+def _export(
+    tree: T, prefix: str, is_leaf: Callable[[Any], bool] | None
+) -> tuple[T, State]:
+    new_tree, walk = export_entries(tree, prefix, is_leaf)
     entries, state = walk.entries, walk.state
     if not entries:
         return tree, {}
@@ -169,33 +180,6 @@ def _is_entry_or_key(node: Any) -> bool:
     return type(node) in _NESTING
 
 
-# The walks allocate many small objects and make no cycles, and on a large heap the
-# collector's passes would dominate their cost (callgrind, 10k-entry trees: 8-40% more
-# instructions with it on, depending on when a full collection falls). It is paused
-# for the walks only; the count makes overlapping walks in several threads restore it
-# once, as the first one found it.
-_GC_LOCK = threading.Lock()
-_gc_pauses = 0
-_gc_resume = False
-
-
-@contextlib.contextmanager
-def _collector_paused() -> Iterator[None]:
-    global _gc_pauses, _gc_resume
-    with _GC_LOCK:
-        if _gc_pauses == 0:
-            _gc_resume = gc.isenabled()
-            gc.disable()
-        _gc_pauses += 1
-    try:
-        yield
-    finally:
-        with _GC_LOCK:
-            _gc_pauses -= 1
-            if _gc_pauses == 0 and _gc_resume:
-                gc.enable()
-
-
 def import_state(tree: T, state: Mapping[StateKey, Any], *, strict: bool = True) -> T:
     """Put the values of ``state`` back into ``tree``: the inverse of ``export_state``.
 
@@ -226,8 +210,11 @@ def import_state(tree: T, state: Mapping[StateKey, Any], *, strict: bool = True)
             "`import_state` takes the state dict that `export_state` returned as its "
             f"second argument; got {type(state).__name__}."
         )
-    with _collector_paused():
+    pause_collector()
+    try:
         new_tree, walk = import_keys(tree, state)
+    finally:
+        resume_collector()
     made = walk.made
     if not made.keys() <= state.keys():
         missing = sorted(str(k) for k in made if k not in state)
