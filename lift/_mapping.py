@@ -13,7 +13,14 @@ from ._keys import StateKey
 from ._lifting import Lifted, Pure, refuse_varying_writes
 from ._tracing import batched_here
 
-__all__ = ["check_rank", "mapped_axes", "per_key", "resolve_axes", "vmap"]
+__all__ = [
+    "check_rank",
+    "mapped_axes",
+    "per_key",
+    "prefix_leaves",
+    "resolve_axes",
+    "vmap",
+]
 
 
 def _keys_in(tree: Any) -> list[StateKey]:
@@ -51,6 +58,24 @@ def _arg_axes(args: tuple, kwargs: dict, in_axes: Any) -> dict[StateKey, int]:
             note(sub, axis)
     note(kwargs, 0)
     return found
+
+
+def prefix_leaves(
+    prefix: Any, tree: Any, *, is_leaf: Callable[[Any], bool]
+) -> list[tuple[Any, Any]]:
+    """Each leaf of ``tree`` with its entry in ``prefix``, a tree prefix of ``tree``.
+
+    As JAX reads ``in_axes`` and partition specs: an entry (a leaf of ``prefix`` by
+    ``is_leaf``) applies to the whole subtree of ``tree`` at its place.
+    """
+    if is_leaf(prefix):
+        return [(leaf, prefix) for leaf in jax.tree_util.tree_leaves(tree)]
+    entries, treedef = jax.tree_util.tree_flatten(prefix, is_leaf=is_leaf)
+    return [
+        (leaf, entry)
+        for sub, entry in zip(treedef.flatten_up_to(tree), entries, strict=True)
+        for leaf in jax.tree_util.tree_leaves(sub)
+    ]
 
 
 def per_key(

@@ -19,7 +19,7 @@ from jax.sharding import Mesh, PartitionSpec
 from ._errors import LiftValueError
 from ._export import State
 from ._lifting import Lifted, Pure
-from ._mapping import mapped_axes
+from ._mapping import mapped_axes, prefix_leaves
 from ._shard import _REPLICATED, sharded
 
 __all__ = ["pmap"]
@@ -27,14 +27,8 @@ __all__ = ["pmap"]
 
 def _leaf_axes(prefix: Any, tree: Any) -> list[int | None]:
     """The axis of each leaf of ``tree``, from an axis spec that is a prefix of it."""
-    n = len(jax.tree_util.tree_leaves(tree))
-    if prefix is None or isinstance(prefix, int):
-        return [prefix] * n
-    axes, treedef = jax.tree_util.tree_flatten(prefix, is_leaf=lambda x: x is None)
-    out: list[int | None] = []
-    for sub, axis in zip(treedef.flatten_up_to(tree), axes, strict=True):
-        out += [axis] * len(jax.tree_util.tree_leaves(sub))
-    return out
+    pairs = prefix_leaves(prefix, tree, is_leaf=lambda x: x is None or type(x) is int)
+    return [axis for _, axis in pairs]
 
 
 def _norm(axis: int | None, ndim: int) -> int | None:

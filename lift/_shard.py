@@ -25,7 +25,7 @@ from ._errors import LiftTypeError, LiftValueError, describe
 from ._export import State
 from ._keys import StateKey
 from ._lifting import Lifted, Pure, refuse_varying_writes
-from ._mapping import per_key
+from ._mapping import per_key, prefix_leaves
 
 __all__ = ["pmap", "shard_map", "sharded"]
 
@@ -68,14 +68,8 @@ def _is_spec(x: Any) -> bool:
 
 def _leaf_specs(spec: Any, value: Any) -> list[tuple[Any, PartitionSpec]]:
     """Each array leaf of ``value`` with its spec (``spec`` is a prefix of it)."""
-    if spec is None or isinstance(spec, PartitionSpec):
-        spec = _REPLICATED if spec is None else spec
-        return [(leaf, spec) for leaf in jax.tree_util.tree_leaves(value)]
-    specs, treedef = jax.tree_util.tree_flatten(spec, is_leaf=_is_spec)
-    pairs = []
-    for sub, s in zip(treedef.flatten_up_to(value), specs, strict=True):
-        pairs += [(leaf, s or _REPLICATED) for leaf in jax.tree_util.tree_leaves(sub)]
-    return pairs
+    pairs = prefix_leaves(spec, value, is_leaf=_is_spec)
+    return [(leaf, s or _REPLICATED) for leaf, s in pairs]
 
 
 def _check_replicated(
