@@ -176,7 +176,8 @@ _EXPORT = {
         return node
     if self.is_leaf is not None and self.is_leaf(node):
         return node
-    entries, state = self.entries, self.state""",
+    entries, state = self.entries, self.state
+    checked = False""",
     "target": "StateEntry",
     "swap": "new = StateKey({name})\n"
     "        state[new] = child.value\n"
@@ -211,10 +212,12 @@ _KINDS = {
     ),
 }  # fmt: skip
 # Export only: a dict holding state under a key that is not a str may hold keys that
-# JAX, which sorts a dict's keys, cannot order; `_check_keys` looks at all of them.
+# JAX, which sorts a dict's keys, cannot order; `_check_keys` looks at all of them,
+# once per dict.
 _DICT_CHECK = """\
-    if type(k) is not str:
+    if type(k) is not str and not checked:
         _check_keys(node, path)
+        checked = True
     if out is None:"""
 
 

@@ -427,3 +427,17 @@ def test_overlapping_exports_in_threads_restore_the_collector():
         t.join()
     assert errors == []
     assert gc.isenabled()
+
+
+def test_a_dict_with_non_str_keys_is_checked_once(monkeypatch):
+    from lift import _swap
+
+    calls = []
+    check = _swap._check_keys
+    monkeypatch.setattr(
+        _swap, "_check_keys", lambda node, path: calls.append(path) or check(node, path)
+    )
+    tree = {"layers": {i: StateEntry(jnp.zeros(1)) for i in range(50)}}
+    _, state = export_state(tree)
+    assert len(state) == 50
+    assert calls == ["['layers']"]
