@@ -283,6 +283,32 @@ def test_prng_key_state_takes_new_keys_and_refuses_raw_key_data(write):
         write(state, key, jax.random.key_data(new_key))
 
 
+@settings(max_examples=60, deadline=None)
+@given(
+    st.lists(
+        st.one_of(
+            st.floats(width=32, allow_nan=False),  # exact in float32
+            st.floats(allow_nan=False, allow_infinity=False),
+        ),
+        min_size=3,
+        max_size=3,
+    )
+)
+def test_property_numpy_float64_is_stored_exactly_or_refused(values):
+    key, state = _one()
+    value = np.array(values, np.float64)
+    with np.errstate(over="ignore"):
+        exact = np.array_equal(value.astype(np.float32).astype(np.float64), value)
+    for write in (_by_update, _by_set):
+        if exact:
+            stored = write(state, key, value)[key]
+            assert stored.dtype == np.float32
+            assert np.array_equal(np.asarray(stored, np.float64), value)
+        else:
+            with pytest.raises(lift.LiftValueError, match=r"\['x'\]"):
+                write(state, key, value)
+
+
 def test_a_live_tracer_is_accepted_under_jit():
     key, state = _one()
     new = jax.jit(lambda s, v: update_state(s, {key: v}))(state, jnp.ones(3))
