@@ -17,7 +17,7 @@ import jax
 
 from ._errors import FrameError, LiftKeyError, TraceError, closest
 from ._export import State, check_value
-from ._tracing import TRACE, dead_tracer, foreign_kind, in_trace, retire
+from ._tracing import TRACE, foreign_kind, in_trace, retire
 
 __all__ = ["Frame", "cached_reference"]
 
@@ -129,15 +129,6 @@ class Frame:
         value = check_value(
             key, self.state[key], value, where=f"`lift.set({key!r}, ...)`"
         )
-        for leaf in jax.tree_util.tree_leaves(value):
-            if dead_tracer(leaf):
-                raise TraceError(
-                    f"`lift.set({key!r}, ...)` got a tracer of a JAX transform that "
-                    "has already finished: the value escaped the transform that "
-                    "computed it and is meaningless now. Compute the value inside the "
-                    "same transform as the `set`, and use lift's transforms "
-                    "(`lift.vmap`, `lift.scan`, ...) so state flows out of them."
-                )
         self.store(key, value)
 
     def store(self, key: Any, value: Any) -> None:
