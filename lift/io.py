@@ -180,7 +180,9 @@ def load_state(
     where = "load_state"
     path = os.fspath(path)
     like_dict = None if like is None else like_state(like, where)
-    preds = None if filters is None else [as_predicate(f) for f in _raw(filters)]
+    if filters is not None:  # malformed patterns fail before the file is opened
+        for f in _raw(filters):
+            as_predicate(f)
     try:
         file = open(path, "rb")
     except FileNotFoundError as err:
@@ -193,6 +195,12 @@ def load_state(
     with file:
         archive = Archive(file, path, where)
         entries = {StateKey(e.key): e for e in archive.entries}
+        # A printed key form must name a key the file holds.
+        preds = (
+            None
+            if filters is None
+            else [as_predicate(f, entries) for f in _raw(filters)]
+        )
         hosts: dict[str, np.ndarray] = {}
 
         def host(entry: Entry, leaf: Leaf) -> np.ndarray:

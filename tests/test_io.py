@@ -571,6 +571,18 @@ def test_filters_restore_part_of_the_file(folder):
     assert load_state(folder / "s", filters=[]) == {}
 
 
+def test_printed_key_filter_selects_exactly_that_key_of_the_file(folder):
+    save_state(folder / "s", make_state())
+    assert list(load_state(folder / "s", filters="['bn']['mean']")) == [
+        K("['bn']['mean']")
+    ]
+    # The printed form of a key the file does not hold is not read as a glob.
+    with pytest.raises(LiftValueError, match=r"\['bn'\].*dotted form.*'bn'"):
+        load_state(folder / "s", filters="['bn']")
+    with pytest.raises(LiftValueError, match="printed form"):
+        load_state(folder / "s", filters="['bn']*")
+
+
 def test_value_filters_see_the_values(folder):
     state = make_state()
     save_state(folder / "s", state)
