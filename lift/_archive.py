@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import functools
 import hashlib
 import json
 import os
@@ -48,6 +47,7 @@ from ._format import (
     parse_manifest,
     stored_dtype,
 )
+from ._memo import Memo
 
 __all__ = ["Archive", "plan_state", "read_manifest", "write_archive", "write_file"]
 
@@ -125,13 +125,12 @@ def _checked(where: str, leaf: Any) -> Any:
     return leaf
 
 
-@functools.lru_cache(maxsize=256)
-def _stored_for(dtype: np.dtype) -> np.dtype | None:
-    return stored_dtype(dtype.name)  # `dtype.name` alone costs microseconds
+# Per dtype, how it is stored (`dtype.name` alone costs microseconds).
+_STORED = Memo("stored dtypes", lambda dtype: stored_dtype(dtype.name), limit=256)
 
 
 def _storage(where: str, dtype: np.dtype) -> np.dtype:
-    stored = _stored_for(dtype)
+    stored = _STORED[dtype]
     if stored is None:
         raise LiftTypeError(
             f"`save_state`: the array at {where!r} has dtype {dtype}, which is not "

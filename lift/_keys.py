@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import ast
-import functools
 import json
 import re
 from collections.abc import Callable, Iterable
 from typing import Any, Generic, TypeVar
 
 import jax
+
+from ._memo import Memo
 
 __all__ = [
     "StateEntry",
@@ -70,18 +71,12 @@ class _NodeData(dict):
         return repr(self[()])
 
 
-class _Flattened(dict):
-    """``key -> ((), node data)``: a key's flatten, made once per key."""
-
-    def __missing__(self, key: StateKey) -> tuple[tuple[()], _NodeData]:
-        if len(self) >= _FLATTENED_LIMIT:
-            self.clear()  # bounded; a key flattened again is made again
-        flat = self[key] = ((), _NodeData({(): key}))
-        return flat
+def _flatten(key: StateKey) -> tuple[tuple[()], _NodeData]:
+    return (), _NodeData({(): key})
 
 
-_FLATTENED_LIMIT = 100_000
-_FLATTENED = _Flattened()
+# A key's flatten, made once per key.
+_FLATTENED = Memo("key flattens", _flatten, limit=100_000)
 # A key is a node with no children. JAX calls its flatten and unflatten on every
 # `jax.jit` dispatch (for the arguments and the outputs); both are C-level here, a dict
 # lookup each, rather than Python functions: no Python frame per key per call.
@@ -145,8 +140,6 @@ _SUBSCRIPT_RE = r"\[(?:('(?:[^'\\]|\\.)*'|\"(?:[^\"\\]|\\.)*\")|([^\]]*))\]"
 _SUBSCRIPT = re.compile(_SUBSCRIPT_RE)
 # A whole printed key path: an optional prefix, then subscripts and ``.attribute``s.
 _PRINTED = re.compile(r"[^\[\]]*(?:" + _SUBSCRIPT_RE + r"|\.[^.\[\]]*)*")
-_DOTTED: dict[str, str] = {}
-_DOTTED_LIMIT = 1_000_000
 
 
 def _segment(match: re.Match[str]) -> str:
@@ -166,14 +159,15 @@ def dotted(path: str) -> str:
     dots. Lossy where a segment holds a dot (``['c.d']`` and ``['c']['d']`` are both
     ``c.d``): select such a key by its :class:`StateKey` or its printed form.
     """
-    out = _DOTTED.get(path)
-    if out is None:
-        out = _SUBSCRIPT.sub(_segment, path)
-        out = out[1:] if out.startswith(".") else out
-        if len(_DOTTED) >= _DOTTED_LIMIT:
-            _DOTTED.clear()
-        _DOTTED[path] = out
-    return out
+    return _DOTTED[path]
+
+
+def _dotted(path: str) -> str:
+    out = _SUBSCRIPT.sub(_segment, path)
+    return out[1:] if out.startswith(".") else out
+
+
+_DOTTED = Memo("dotted paths", _dotted, limit=1_000_000)
 
 
 def is_printed_key(pattern: str) -> bool:
@@ -199,13 +193,15 @@ def not_a_key(pattern: str, why: str) -> Exception:
     )
 
 
-@functools.lru_cache(maxsize=4096)
-def _compile(pattern: str) -> Callable[[str], Any]:
+def _compile_pattern(pattern: str) -> Callable[[str], Any]:
     # A leading dot is optional: the pattern and the dotted path both get one.
     if not pattern.startswith((".", "*")):
         pattern = "." + pattern
     body = ".*".join(re.escape(part) for part in pattern.split("*"))
     return re.compile(body, re.DOTALL).fullmatch
+
+
+_PATTERNS = Memo("compiled patterns", _compile_pattern, limit=4096)
 
 
 def matches(path: str, pattern: str) -> bool:
@@ -229,4 +225,4 @@ def matches(path: str, pattern: str) -> bool:
     """
     if is_printed_key(pattern):
         return pattern == path
-    return _compile(pattern)("." + dotted(path)) is not None
+    return _PATTERNS[pattern]("." + dotted(path)) is not None

@@ -39,6 +39,7 @@ import numpy as np
 
 from ._errors import LiftValueError
 from ._keys import StateEntry, StateKey
+from ._memo import Memo
 from ._tracing import _ArrayImpl as ArrayImpl
 
 __all__ = [
@@ -56,30 +57,18 @@ _LEAF_TYPES = frozenset(
     {int, float, complex, bool, str, bytes, type(None), np.ndarray, ArrayImpl}
 )
 # Per (type, node data, number of children): the key strings of the children.
-_NAMES: dict[tuple[Any, Any, int], tuple[str, ...]] = {}
+_NAMES = Memo("child key strings", limit=10_000)
 # Per custom node type: for an Equinox module class, the (attribute, key string) of
 # each dynamic field, the attributes, and them as a set; None for any other type.
-_FIELDS: dict[type, tuple[Any, tuple[str, ...], frozenset[str]] | None] = {}
-# Both are bounded (cleared when full): node data may hold large objects.
-_MEMO_LIMIT = 10_000
+_FIELDS = Memo("module fields", limit=10_000)
 _UNSEEN = object()
 
 
-class _Positions(dict):
-    """``i -> "[i]"``: the key strings of list and tuple positions, made once each."""
-
-    def __missing__(self, i: int) -> str:
-        name = f"[{i}]"
-        if i < _POSITIONS_LIMIT:
-            self[i] = name
-        return name
-
-
-# The first positions are made up front, later ones when first met (up to a bound:
-# a list that long holds far more than its names).
+# The key strings of list and tuple positions, made once each (the first ones up
+# front).
 _INDEXED = 1024
-_POSITIONS_LIMIT = 1 << 20
-_INDEX_NAMES = _Positions((i, f"[{i}]") for i in range(_INDEXED))
+_INDEX_NAMES = Memo("list positions", "[{}]".format, limit=1 << 20)
+_INDEX_NAMES.update((i, f"[{i}]") for i in range(_INDEXED))
 _MISSING: Any = object()  # the value of an entry whose key the state lacks
 _new_entry = StateEntry.__new__
 _set_value = vars(StateEntry)["value"].__set__  # the slot's descriptor: C-level
@@ -332,9 +321,7 @@ def _child_names(node: Any, kind: type, aux: Any, n: int) -> tuple[str, ...]:
                 "same children as its `flatten`."
             )
         if memo_key is not None:
-            if len(_NAMES) >= _MEMO_LIMIT:
-                _NAMES.clear()
-            _NAMES[memo_key] = names
+            _NAMES.put(memo_key, names)
     return names
 
 
@@ -364,10 +351,7 @@ def _module_fields(node: Any, kind: type) -> Any:
             )
         ):
             fields = (tuple((a, f".{a}") for a in attrs), attrs, frozenset(attrs))
-    if len(_FIELDS) >= _MEMO_LIMIT:
-        _FIELDS.clear()
-    _FIELDS[kind] = fields
-    return fields
+    return _FIELDS.put(kind, fields)
 
 
 # The walks allocate many small objects and make no cycles, and on a large heap the

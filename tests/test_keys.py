@@ -141,7 +141,7 @@ def test_key_is_a_childless_pytree_node():
 def test_key_flattens_through_a_bounded_memo(monkeypatch):
     import lift._keys as keys
 
-    monkeypatch.setattr(keys, "_FLATTENED_LIMIT", 2)
+    monkeypatch.setattr(keys._FLATTENED, "limit", 2)
     built = [StateKey(f"['k{i}']") for i in range(5)]
     defs = [jax.tree_util.tree_structure({"k": k}) for k in built]
     assert len(keys._FLATTENED) <= 2
@@ -491,3 +491,36 @@ def test_glob_results_are_the_same_through_vmap_state_axes():
     f = lift.stateful(lambda t, xs: lift.vmap(body, state_axes={"['bn']*": 0})(t, xs))
     with pytest.raises(lift.LiftValueError, match=r"'bn\*'"):
         f(state, tree, jnp.ones((2, 3)))
+
+
+def test_every_memo_is_bounded_by_one_rule():
+    import lift._archive
+    import lift._swap  # noqa: F401
+    from lift import _memo
+
+    assert set(_memo.MEMOS) >= {
+        "key flattens",
+        "dotted paths",
+        "compiled patterns",
+        "child key strings",
+        "module fields",
+        "list positions",
+        "stored dtypes",
+    }
+    memo = _memo.Memo("test squares", lambda n: n * n, limit=3)
+    try:
+        assert [memo[i] for i in range(3)] == [0, 1, 4]
+        assert len(memo) == 3
+        assert memo[7] == 49
+        assert len(memo) == 1  # full: emptied, then stored
+        assert memo.put("k", "v") == "v"
+        assert memo["k"] == "v"
+        _memo.clear()
+        assert all(len(m) == 0 for m in _memo.MEMOS.values())
+        # Emptied memos are refilled: keys still flatten and paths still match.
+        key = StateKey("['bn']['mean']")
+        assert (
+            jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(key), []) == key
+        )
+    finally:
+        del _memo.MEMOS["test squares"]
