@@ -91,11 +91,12 @@ def _vg_run(
 
     def run(pures: Sequence[Pure], state: State, *args: Any, **kwargs: Any) -> Any:
         _refuse_state(args, nums, what)
-        # A Python number differentiated as a whole argument is an input, as in JAX;
+        # A Python number differentiated as a whole argument is an input, as in JAX
+        # (an int or a bool gets JAX's error, or with `allow_int` a float0 gradient);
         # numbers inside trees (a module's hyperparameters) stay static.
         args = tuple(
             jax.numpy.asarray(a.value)
-            if i in nums and type(a) is Static and type(a.value) in (float, complex)
+            if i in nums and type(a) is Static and type(a.value) in _NUMBERS
             else a
             for i, a in enumerate(args)
         )
@@ -104,8 +105,8 @@ def _vg_run(
             out, new = pures[0](state, *args, **kwargs)
             if has_aux:
                 value, aux = out
-                return value, (aux, new)
-            return out, (None, new)
+                return _unstatic(value), (aux, new)
+            return _unstatic(out), (None, new)
 
         (value, (aux, new)), grads = jax.value_and_grad(
             loss,
@@ -120,6 +121,15 @@ def _vg_run(
         return (((value, aux), grads) if has_aux else (value, grads)), new
 
     return run
+
+
+_NUMBERS = (float, complex, int, bool)
+
+
+def _unstatic(value: Any) -> Any:
+    # The differentiated output as `f` returned it: a Python number is a constant
+    # (gradient zero, as in JAX), anything else gets JAX's own error about it.
+    return value.value if type(value) is Static else value
 
 
 def grad(
