@@ -26,8 +26,10 @@ __all__ = [
     "DONATING",
     "donated_args",
     "donation_starts",
+    "has_signature",
     "raise_if_donated",
     "refuse_consumed",
+    "refuse_missing_positions",
     "unshare",
     "watch",
 ]
@@ -168,9 +170,10 @@ def donated_args(
             f"`lift.jit`: donate_argnums={argnums!r} has a negative position; give "
             "positions from the first argument on (0, 1, ...), the state not counted."
         )
-    try:
-        params = list(inspect.signature(f).parameters.values())
-    except (TypeError, ValueError):  # no signature: names and positions stay apart
+    params = _parameters(f)
+    if params is not None:
+        _refuse_unknown(f, params, nums, names, int(donate_state and not is_pure(f)))
+    else:  # no signature: names and positions stay apart
         params = []
     positional = [
         p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
@@ -190,3 +193,93 @@ def donated_args(
     top, top_named = resolve(int(donate_state and not is_pure(f)))
     frame, frame_named = resolve(0)
     return top, frame, tuple(dict.fromkeys([*names, *top_named, *frame_named]))
+
+
+def _parameters(f: Callable[..., Any]) -> list[inspect.Parameter] | None:
+    """``f``'s parameters, or ``None`` if Python cannot tell them."""
+    try:
+        return list(inspect.signature(f).parameters.values())
+    except (TypeError, ValueError):
+        return None
+
+
+def has_signature(f: Callable[..., Any]) -> bool:
+    """Whether ``f``'s donated positions and names were checked when it was wrapped."""
+    return _parameters(f) is not None
+
+
+def _label(f: Callable[..., Any]) -> str:
+    return getattr(f, "__qualname__", None) or type(f).__name__
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"
+
+
+def _refuse_unknown(
+    f: Callable[..., Any],
+    params: list[inspect.Parameter],
+    nums: tuple[int, ...],
+    names: tuple[str, ...],
+    skip: int,
+) -> None:
+    """Raise if ``f`` has no argument at a donated position or of a donated name.
+
+    As :func:`jax.jit` does; ``skip``: leading parameters that take the state.
+    """
+    label = _label(f)
+    kinds = {p.kind for p in params}
+    own = params[skip:]
+    shown = ", ".join(
+        ("*" if p.kind == p.VAR_POSITIONAL else "**" if p.kind == p.VAR_KEYWORD else "")
+        + p.name
+        for p in own
+    )
+    positional = [
+        p for p in own if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+    ]
+    bad = sorted({i for i in nums if i >= len(positional)})
+    if bad and inspect.Parameter.VAR_POSITIONAL not in kinds:
+        fix = (
+            f"give positions 0 to {len(positional) - 1} of its own arguments"
+            if positional
+            else "donate no positions"
+        )
+        raise LiftValueError(
+            f"`lift.jit({label})`: donate_argnums={nums!r} names position "
+            f"{', '.join(map(str, bad))}, but `{label}` takes only "
+            f"{_plural(len(positional), 'positional argument')} ({shown}), the state "
+            f"not counted. Fix `donate_argnums`: {fix}; donate the state with "
+            "`donate_state=True`."
+        )
+    keyword = {
+        p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+    }
+    unknown = [n for n in dict.fromkeys(names) if n not in keyword]
+    if unknown and inspect.Parameter.VAR_KEYWORD not in kinds:
+        raise LiftValueError(
+            f"`lift.jit({label})`: donate_argnames={names!r} names "
+            f"{', '.join(map(repr, unknown))}, which `{label}` does not take: its "
+            f"arguments are ({shown}). Fix `donate_argnames`: give names of its "
+            "parameters; donate the state with `donate_state=True`."
+        )
+
+
+def refuse_missing_positions(
+    f: Callable[..., Any], nums: tuple[int, ...], given: int
+) -> None:
+    """Raise if a call passes no argument at a donated position.
+
+    For a function without a signature, checked per call (off the compiled path);
+    ``given``: the call's positional arguments, the state not counted.
+    """
+    bad = sorted({i for i in nums if i >= given})
+    if bad:
+        label = _label(f)
+        raise LiftValueError(
+            f"`lift.jit({label})`: donate_argnums={nums!r} names position "
+            f"{', '.join(map(str, bad))}, but this call passes only "
+            f"{_plural(given, 'positional argument')} to `{label}`, the state not "
+            "counted. Fix `donate_argnums` or pass the argument; donate the state "
+            "with `donate_state=True`."
+        )

@@ -19,8 +19,10 @@ from ._donation import (
     DONATING,
     donated_args,
     donation_starts,
+    has_signature,
     raise_if_donated,
     refuse_consumed,
+    refuse_missing_positions,
     unshare,
     watch,
 )
@@ -108,6 +110,9 @@ class _Jit(Lifted):
         self._state_first = int(is_pure(f) or donate_state)
         self._top_nums, self._frame_nums, self._names = donated
         self._donates = donate_state or any(donated)
+        # Without a signature, donated positions are checked per call (off the
+        # compiled path: on a miss and when building); else `jit` checked them.
+        self._per_call = any(donated[:2]) and not has_signature(f)
         plain = jax.jit(
             self._plain,
             donate_argnums=self._donated_positions(True, 0, self._state_first),
@@ -157,6 +162,10 @@ class _Jit(Lifted):
         # C++ found no compiled signature for these arguments (the call's own).
         if DONATING[0]:
             refuse_consumed((args, kwargs))
+        if self._per_call:
+            refuse_missing_positions(
+                self._f, self._top_nums, len(args) - self._state_first
+            )
         if not self._static and all(
             map(is_array, jax.tree_util.tree_leaves((args, kwargs)))
         ):
@@ -202,6 +211,12 @@ class _Jit(Lifted):
         # level that state is empty and the user's state (if any) is the next
         # argument. The user's options speak of the user's arguments and outputs.
         top = pure.frameless
+        if self._per_call:
+            refuse_missing_positions(
+                self._f,
+                self._top_nums if top else self._frame_nums,
+                n_args - top * self._state_first,
+            )
         options = dict(self._options)
         if "in_shardings" in options:
             given = options["in_shardings"]

@@ -603,6 +603,65 @@ def test_jit_donate_argnums_bad_values(options, error):
         lift.jit(lambda w: w, **options)
 
 
+@pytest.mark.parametrize("stateful", [False, True])
+def test_jit_donated_position_the_function_lacks_is_refused(model, stateful):
+    # As `jax.jit` does, at wrap time: positions count the user's arguments.
+    f = lift.stateful(lambda a: a) if stateful else (lambda a: a)
+    with pytest.raises(lift.LiftValueError) as e:
+        lift.jit(f, donate_argnums=5)
+    msg = str(e.value)
+    assert "<lambda>" in msg
+    assert "donate_argnums=(5,)" in msg
+    assert "position 5" in msg
+    assert "1 positional argument (a)" in msg
+    assert "state not counted" in msg
+    assert "give positions 0 to 0" in msg
+    # Donating the state and a non-pure function: its first parameter is the state.
+    with pytest.raises(lift.LiftValueError, match=r"position 1.*\(a\)"):
+        lift.jit(lambda state, a: a, donate_state=True, donate_argnums=1)
+    # `*args` takes any position, as in JAX.
+    lift.jit(lambda *a: a[0], donate_argnums=5)
+
+
+@pytest.mark.parametrize("stateful", [False, True])
+def test_jit_donated_name_the_function_lacks_is_refused(stateful):
+    f = lift.stateful(lambda a: a) if stateful else (lambda a: a)
+    with pytest.raises(lift.LiftValueError) as e:
+        lift.jit(f, donate_argnames="zz")
+    msg = str(e.value)
+    assert "<lambda>" in msg
+    assert "'zz'" in msg
+    assert "its arguments are (a)" in msg
+    assert "give names of its parameters" in msg
+    lift.jit(lambda a, **kw: a, donate_argnames="zz")  # `**kwargs` takes any name
+
+
+class _NoSignature:
+    __signature__ = "unknown"  # inspect.signature raises TypeError
+
+    def __call__(self, a):
+        return a
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_jit_donated_position_without_signature_checked_at_call(fast):
+    from lift._jit import use_fast_path
+
+    old = use_fast_path(fast)
+    try:
+        step = lift.jit(_NoSignature(), donate_argnums=1)
+    finally:
+        use_fast_path(old)
+    with pytest.raises(lift.LiftValueError) as e:
+        step(jnp.ones(2))
+    msg = str(e.value)
+    assert "_NoSignature" in msg
+    assert "position 1" in msg
+    assert "passes only 1 positional argument" in msg
+    with pytest.raises(lift.LiftValueError, match="position 1"):
+        lift.stateful(lambda x: step(x))({}, jnp.ones(2))
+
+
 # ------------------------------------------------------------------------ vmap
 
 
@@ -996,6 +1055,50 @@ def test_grad_of_python_scalar_is_jax_grad(transform):
     # A Python number that is not differentiated stays a number, as in JAX.
     sized = lift.grad(lambda x, n: jnp.sum(jnp.ones(n) * x))(3.0, 4)
     assert float(sized) == 4.0
+
+
+@pytest.mark.parametrize("transform", ["grad", "value_and_grad"])
+@pytest.mark.parametrize(
+    "options", [{}, {"argnums": (0,)}, {"has_aux": True}, {"argnums": (0, 1)}]
+)
+@pytest.mark.parametrize("x", [3.0, jnp.ones(())])
+def test_grad_of_constant_output_is_zero_as_in_jax(transform, options, x):
+    # The constant 2.0 is an output, not lift's static structure: gradient zero.
+    if options.get("has_aux"):
+        f = lambda x, y: (2.0, "aux")  # noqa: E731
+    else:
+        f = lambda x, y: 2.0  # noqa: E731
+    lifted = getattr(lift, transform)(f, **options)(x, jnp.ones(2))
+    expected = getattr(jax, transform)(f, **options)(x, jnp.ones(2))
+    chex.assert_trees_all_equal(lifted, expected)
+    grads = lifted[1] if transform == "value_and_grad" else lifted
+    grads = grads[0] if transform == "grad" and options.get("has_aux") else grads
+    assert all(float(jnp.sum(jnp.abs(g))) == 0.0 for g in jax.tree.leaves(grads))
+
+    def inside(x, y):
+        return getattr(lift, transform)(f, **options)(x, y)
+
+    framed, _ = lift.stateful(inside)({}, x, jnp.ones(2))
+    assert jax.tree.structure(framed) == jax.tree.structure(expected)
+    chex.assert_trees_all_equal(framed, expected)
+
+
+@pytest.mark.parametrize("transform", ["grad", "value_and_grad"])
+@pytest.mark.parametrize("argnums", [0, (0,)])
+@pytest.mark.parametrize("x", [3, True])
+@pytest.mark.parametrize("framed", [False, True])
+def test_grad_of_int_or_bool_input_is_jax_error(transform, argnums, x, framed):
+    f = getattr(lift, transform)(lambda x: x**2 if type(x) is not bool else x, argnums)
+    call = functools.partial(lift.stateful(f), {}) if framed else f
+    with pytest.raises(TypeError, match="grad requires real- or complex-valued") as e:
+        call(x)
+    with pytest.raises(TypeError, match="grad requires real- or complex-valued"):
+        getattr(jax, transform)(lambda x: x**2, argnums)(x)
+    assert "Static" not in str(e.value)
+    assert "allow_int" in str(e.value)  # JAX's message says how to fix it
+    # With `allow_int`, a float0 gradient as in JAX.
+    g = lift.grad(lambda x: 2.0 * jnp.asarray(x, jnp.float32), allow_int=True)(x)
+    assert g.dtype == jax.dtypes.float0
 
 
 def test_grad_state_is_not_differentiated(model):
