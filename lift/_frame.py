@@ -21,7 +21,7 @@ import jax
 from ._errors import FrameError, LiftError, LiftTypeError, LiftValueError
 from ._export import State
 from ._keys import StateEntry, StateKey
-from ._refs import Frame, cached_reference
+from ._refs import Frame, cached_reference, shared_write_in_vmap
 from ._tracing import RETIRED, TRACE, retire
 
 __all__ = ["Frame", "current_frame", "get", "is_pure", "lower", "set", "stateful"]
@@ -151,6 +151,15 @@ def run_in_frame(
         if deleted and not isinstance(err, LiftError):
             raise cached_reference(name, err) from err
         raise
+    except Exception as err:
+        if not isinstance(err, LiftError) and (
+            "vmapped value on an unbatched array reference" in str(err)
+        ):
+            # A raw `jax.vmap` batched a raw loop that writes state through a
+            # reference made outside it: name the key written.
+            written = [k for k, entry in (frame.refs or {}).items() if entry[1]]
+            raise shared_write_in_vmap(written[0] if written else None) from err
+        raise
     finally:
         _FRAME.reset(token)
         if frame.refs:  # `f` raised: drop its references as a return would
@@ -256,11 +265,13 @@ def stateful(
     _refuse_lazy(f, name)
 
     @functools.wraps(f, updated=())
-    def pure(state: Mapping[Any, Any], /, *args: Any, **kwargs: Any) -> tuple[R, State]:
+    def pure(
+        state: Mapping[Any, Any] = cast(Any, _NONE), /, *args: Any, **kwargs: Any
+    ) -> tuple[R, State]:
         if type(state) is not dict or (
             state and type(next(iter(state))) is not StateKey
         ):
-            _check_state_arg(state, name)
+            _check_state_arg(state, name, kwargs)
         return run_in_frame(f, state, args, kwargs, mutable=mutable, name=name)
 
     pure.__lift_implicit__ = f  # type: ignore[attr-defined]
@@ -288,13 +299,22 @@ def _refuse_lazy(f: Any, name: str) -> None:
             )
 
 
-def _check_state_arg(state: Any, name: str) -> None:
+def _check_state_arg(state: Any, name: str, kwargs: Mapping[str, Any]) -> None:
     """Refuse a first argument that is not a state dict (a model, or no state)."""
     expected = (
         "Call it as `step(state, *args)`, with the state dict from "
         "`model, state = lift.export_state(tree)` first and the model among the "
         "other arguments."
     )
+    if state is _NONE:
+        given = ", ".join(f"{k}=" for k in kwargs)
+        raise LiftTypeError(
+            f"{name} was called without a positional argument"
+            + (f" (with keyword arguments {given}...)" if kwargs else "")
+            + ": the state dict is its first positional argument, never a keyword "
+            "one. Call it as `step(state, *args, **kwargs)`, e.g. "
+            "`step(state, model=model, x=x)`."
+        )
     if not isinstance(state, Mapping):
         raise LiftTypeError(
             f"{name} takes the state dict as its first argument; got "
@@ -307,6 +327,12 @@ def _check_state_arg(state: Any, name: str) -> None:
             f"{type(state).__name__} with the key {bad!r} ({type(bad).__name__}), not "
             f"a StateKey: a model or another dict was passed in place of the state. "
             f"{expected}"
+            + (
+                " Its keys look like key paths, as in `lift.to_pure_dict(state)`: turn "
+                "such a dict back into state with `lift.from_pure_dict(d, like=state)`."
+                if isinstance(bad, str) and bad.startswith(("[", "."))
+                else ""
+            )
         )
     keys = [
         x

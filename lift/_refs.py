@@ -17,9 +17,9 @@ import jax
 
 from ._errors import FrameError, LiftKeyError, TraceError, closest
 from ._export import State, check_value
-from ._tracing import TRACE, foreign_kind, in_trace, retire
+from ._tracing import TRACE, foreign_kind, in_trace, retire, shared_in_vmap
 
-__all__ = ["Frame", "cached_reference"]
+__all__ = ["Frame", "cached_reference", "shared_write_in_vmap"]
 
 
 class Frame:
@@ -150,6 +150,11 @@ class Frame:
                 kind = "stale " + self.detached[key]
         if kind is not None:
             raise _unthreadable(key, "set", kind)
+        if any(
+            shared_in_vmap(leaf, self.trace)
+            for leaf in jax.tree_util.tree_leaves(self.state[key])
+        ):
+            raise shared_write_in_vmap(key)
         entry = self._ref(key, "set")
         try:
             jax.tree_util.tree_map(_assign, entry[0], value)
@@ -267,6 +272,21 @@ def _foreign_write(key: Any, err: Exception) -> TraceError:
         f"inside a JAX transform lift does not own ({type(err).__name__}: "
         f"{str(err).split('. ')[0]}). Use lift's transform in its place (`lift.vmap`, "
         "`lift.grad`, `lift.checkpoint`, ...), so the state flows through it."
+    )
+
+
+def shared_write_in_vmap(key: Any | None) -> TraceError:
+    """A write of state shared by a ``vmap``'s batch, under a loop lift does not own."""
+    what = f"`lift.set({key!r}, ...)`" if key is not None else "A `lift.set`"
+    return TraceError(
+        f"{what} inside a raw `lax.scan`/`fori_loop`/`while_loop` (or another JAX "
+        "transform lift does not own) under `lift.vmap` or `jax.vmap`, where that "
+        "state is shared by the batch: JAX batches the state it threads through a raw "
+        "loop under vmap, so the shared state cannot be threaded through it. Use "
+        "`lift.fori_loop`/`lift.scan`/`lift.while_loop` in place of the raw loop, "
+        "inside `lift.vmap` (in place of `jax.vmap`); they carry the state through "
+        "the loop. A per-example update then needs `state_axes=` (per-example "
+        "state) or `axis_name=` and `lax.pmean` (shared state) on `lift.vmap`."
     )
 
 

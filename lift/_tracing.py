@@ -25,6 +25,7 @@ __all__ = [
     "in_trace",
     "is_array",
     "retire",
+    "shared_in_vmap",
     "with_cache_miss",
 ]
 
@@ -65,6 +66,19 @@ def batched_here(x: Any) -> bool:
     if _BatchTracer is None or not isinstance(x, _BatchTracer):
         return False
     return x._trace is _core.trace_ctx.trace and x.batch_dim is not None
+
+
+def shared_in_vmap(x: Any, trace: Any) -> bool:
+    """Whether ``trace`` is a ``vmap``'s and ``x`` is not batched by it.
+
+    JAX batches an array reference made in a ``vmap``'s trace even from an unbatched
+    value, so state that is shared by the batch cannot be threaded through one.
+    """
+    if _BatchTracer is None or type(trace).__name__ != "BatchTrace":
+        return False
+    return not (
+        isinstance(x, _BatchTracer) and x._trace is trace and x.batch_dim is not None
+    )
 
 
 def dead_tracer(x: Any) -> bool:

@@ -147,6 +147,37 @@ def test_step_called_with_model_and_state_swapped(model):
         step(tree, state, jnp.ones(3))
 
 
+def test_step_called_with_keyword_arguments_only(model):
+    tree, state = model
+
+    def fwd(model, x):
+        return x
+
+    step = lift.stateful(fwd)
+    with pytest.raises(lift.LiftTypeError) as info:
+        step(state=state, model=tree, x=1.0)
+    msg = str(info.value)
+    assert isinstance(info.value, TypeError)
+    assert "fwd" in msg
+    assert "state=, model=, x=" in msg  # the keyword arguments it got
+    assert "first positional argument" in msg
+    assert "step(state, *args, **kwargs)" in msg
+    assert step(state, model=tree, x=1.0) == (1.0, state)
+
+
+def test_step_called_with_a_pure_dict_hints_from_pure_dict(model):
+    _, state = model
+    step = lift.stateful(lambda: None)
+    with pytest.raises(lift.LiftTypeError) as info:
+        step(lift.to_pure_dict(state))
+    msg = str(info.value)
+    assert "['w']" in msg or "['ema']" in msg or "['n']" in msg
+    assert "lift.from_pure_dict(d, like=state)" in msg
+    with pytest.raises(lift.LiftTypeError) as info:
+        step({"w": 1})  # plain names, not key paths: no such hint
+    assert "like=state" not in str(info.value)
+
+
 def test_step_called_with_a_non_dict_model(model):
     tree, _ = model
     step = lift.stateful(lambda model, x: x)

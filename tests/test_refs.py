@@ -705,6 +705,86 @@ def test_raw_loop_inside_lift_vmap_writing_shared_state_is_a_lift_error(model):
         lift.stateful(lambda xs: lift.vmap(per_example)(xs))(state, jnp.arange(3.0))
 
 
+def _assert_shared_raw_loop_error(info, key):
+    msg = str(info.value)
+    assert key in msg
+    assert "raw" in msg
+    assert "vmap" in msg
+    assert "lift.fori_loop" in msg
+    assert "lift.scan" in msg
+    assert "lift.while_loop" in msg
+    # never JAX's hint, never the advice that cannot help here
+    assert "Move the array reference" not in msg
+    assert "differs across the batch" not in msg
+
+
+def _raw_fori_add_one(tree):
+    def body(i, c):
+        lift.set(tree["acc"], lift.get(tree["acc"]) + 1.0)
+        return c
+
+    return lambda: lax.fori_loop(0, 2, body, 0)
+
+
+@pytest.mark.parametrize(
+    "variant", ["eager", "scan", "jit", "pmean", "unbatched_input", "raw_vmap"]
+)
+def test_raw_loop_writing_shared_state_under_vmap_is_a_trace_error(model, variant):
+    # JAX batches a reference made under a vmap, and refuses a batched write into one
+    # made outside it: shared state cannot ride a raw loop there, even when every
+    # example writes the same value.
+    tree, state = model
+    loop = _raw_fori_add_one(tree)
+
+    def per_example(x):
+        if variant == "scan":
+            body = lambda c, _: (loop(), (c, None))[1]  # noqa: E731
+            lax.scan(body, 0, None, length=1)
+        elif variant == "pmean":
+
+            def body(i, c):
+                acc = lift.get(tree["acc"])
+                lift.set(tree["acc"], lax.pmean(acc + x, "b"))
+                return c
+
+            lax.fori_loop(0, 2, body, 0)
+        else:
+            loop()
+        return x
+
+    if variant == "pmean":
+        f = lift.stateful(lambda xs: lift.vmap(per_example, axis_name="b")(xs))
+    elif variant == "unbatched_input":
+        f = lift.stateful(
+            lambda xs: lift.vmap(per_example, in_axes=None, axis_size=3)(xs[0])
+        )
+    elif variant == "raw_vmap":
+        f = lift.stateful(lambda xs: jax.vmap(per_example)(xs))
+    else:
+        f = lift.stateful(lambda xs: lift.vmap(per_example)(xs))
+    if variant == "jit":
+        f = lift.jit(f)
+    with pytest.raises(lift.TraceError) as info:
+        f(state, XS)
+    _assert_shared_raw_loop_error(info, "['acc']")
+
+
+def test_the_same_raw_loop_body_works_in_lift_fori_loop_under_vmap(model):
+    tree, state = model
+
+    def body(i, c):
+        lift.set(tree["acc"], lift.get(tree["acc"]) + 1.0)
+        return c
+
+    def per_example(x):
+        lift.fori_loop(0, 2, body, 0)
+        return x
+
+    # each of the 3 examples adds 2 to the shared entry's same starting value
+    _, new = lift.stateful(lambda xs: lift.vmap(per_example)(xs))(state, XS)
+    np.testing.assert_array_equal(new[tree["acc"]], state[tree["acc"]] + 2.0)
+
+
 def test_a_cached_raw_jit_in_a_nested_stateful_call_is_reported_once(model):
     tree, state = model
     once = jax.jit(functools.partial(_module_level_body, tree))
