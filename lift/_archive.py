@@ -40,6 +40,7 @@ from ._format import (
     Leaf,
     StateFileError,
     VersionError,
+    consumed,
     encode_tree,
     is_key_dtype,
     leaf_paths,
@@ -105,6 +106,8 @@ def _checked(where: str, leaf: Any) -> Any:
                 "dtype (`np.int64(...)` with 64-bit JAX on) or as a float."
             ) from None
     if isinstance(leaf, jax.Array):
+        if leaf.is_deleted():
+            raise consumed(where)
         if not leaf.is_fully_addressable:
             raise LiftValueError(
                 f"`save_state`: the array at {where!r} spans several processes, and "

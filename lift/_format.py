@@ -34,6 +34,7 @@ __all__ = [
     "NeedsLike",
     "StateFileError",
     "VersionError",
+    "consumed",
     "decode_tree",
     "encode_tree",
     "is_key_dtype",
@@ -134,6 +135,15 @@ class Entry:
     tree: Any  # JSON structure, see docs/saving.md
     treedef: str
     leaves: tuple[Leaf, ...]
+
+
+def consumed(where: str) -> LiftValueError:
+    """The error for saving an array a donating lifted ``jit`` deleted."""
+    return LiftValueError(
+        f"`save_state`: the array at {where!r} was consumed (deleted) by a donating "
+        "lifted `jit`. Save the state that donating step returned, not the one you "
+        "passed to it (or copy it first: `jax.tree.map(jnp.copy, state)`)."
+    )
 
 
 def is_key_dtype(dtype: Any) -> bool:
@@ -297,7 +307,7 @@ def _safe(member: str) -> bool:
 def parse_manifest(raw: bytes) -> list[Entry]:
     """The entries of a manifest, each field checked; :class:`Damaged` otherwise."""
     try:
-        manifest = json.loads(raw.decode("utf-8"))
+        manifest = json.loads(raw.decode("utf-8"), object_pairs_hook=_unique_names)
     except (UnicodeDecodeError, ValueError, RecursionError) as err:
         raise Damaged(f"the manifest is not valid JSON ({err})") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
@@ -322,6 +332,16 @@ def parse_manifest(raw: bytes) -> list[Entry]:
             members.add(leaf.member)
         entries.append(entry)
     return entries
+
+
+def _unique_names(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object's fields as a dict, refusing a name given twice."""
+    out: dict[str, Any] = {}
+    for name, value in pairs:
+        if name in out:
+            raise Damaged(f"the manifest names the field {name!r} twice")
+        out[name] = value
+    return out
 
 
 def _field(record: Any, name: str, kind: type, key: str | None) -> Any:

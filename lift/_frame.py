@@ -17,6 +17,7 @@ from types import CoroutineType, GeneratorType
 from typing import Any, ParamSpec, TypeVar, cast
 
 import jax
+from jax.core import Tracer
 
 from ._errors import FrameError, LiftError, LiftTypeError, LiftValueError
 from ._export import State
@@ -147,9 +148,18 @@ def run_in_frame(
         out = f(*args, **kwargs)
         new = frame.close()
     except RuntimeError as err:
-        deleted = RETIRED[0] and "has been deleted" in str(err)
-        if deleted and not isinstance(err, LiftError):
-            raise cached_reference(name, err) from err
+        if "has been deleted" in str(err) and not isinstance(err, LiftError):
+            consumed = _consumed_keys(state)
+            if consumed:
+                raise LiftValueError(
+                    f"{name} was called with a state whose arrays were consumed (a "
+                    "donating lifted `jit` deleted them): deleted buffers at "
+                    f"{', '.join(consumed[:5])}. Pass the state that donating step "
+                    "returned, not the one you gave it; to keep an old one, copy it "
+                    "first (`jax.tree.map(jnp.copy, state)`) or do not donate it."
+                ) from err
+            if RETIRED[0]:
+                raise cached_reference(name, err) from err
         raise
     except Exception as err:
         if not isinstance(err, LiftError) and (
@@ -172,6 +182,20 @@ def run_in_frame(
     if kind is CoroutineType:
         return cast(R, _awaited_in_closed_frame(out, frame)), new
     return out, new
+
+
+def _consumed_keys(state: Mapping[Any, Any]) -> list[str]:
+    """The keys of ``state`` (repr) holding an array a donating call deleted."""
+    return [
+        repr(str(key))
+        for key, value in state.items()
+        if any(
+            isinstance(leaf, jax.Array)
+            and not isinstance(leaf, Tracer)
+            and leaf.is_deleted()
+            for leaf in jax.tree_util.tree_leaves(value)
+        )
+    ]
 
 
 async def _awaited_in_closed_frame(coro: Any, frame: Frame) -> Any:

@@ -188,9 +188,80 @@ def not_a_key(pattern: str, why: str) -> Exception:
     return LiftValueError(
         f"The state filter {pattern!r} {why}. A filter holding `[` must be exactly "
         "the printed form of one key (`str(key)`, for example \"['bn']['mean']\"), "
-        "and selects only that key. To select by pattern, use the dotted form, "
-        f"where `*` matches any run of characters: {dotted(pattern)!r}."
+        f"and selects only that key.{_dotted_hint(pattern)}"
     )
+
+
+def _dotted_hint(pattern: str) -> str:
+    """How to select what ``pattern`` (a refused filter holding ``[``) meant."""
+    only_printed = (
+        " A key with `[`, `]`, `.` or `*` inside one of its segments is selected "
+        "only by its printed form (`str(key)`) or by its StateKey, not by a dotted "
+        "pattern"
+    )
+    below = pattern[:-1] if pattern.endswith("]*") else None
+    if below is not None and _PRINTED.fullmatch(below) is not None:
+        parts = _unambiguous(below)
+        if parts is not None:  # `['bn']*`: the keys below `['bn']`
+            return (
+                f" To select the keys below {below!r}, use the dotted pattern "
+                f"{'.'.join([*parts, '*'])!r} (`*` matches any run of characters)."
+            )
+        return only_printed + "."
+    if _PRINTED.fullmatch(pattern) is None:
+        return (
+            " To select by pattern, use the dotted form: the key's segments joined "
+            "by `.`, where `*` matches any run of characters (`'bn.*'` selects "
+            "every key below `['bn']`)."
+        )
+    parts = _unambiguous(pattern)
+    if parts is None:
+        return only_printed + "."
+    if not pattern.startswith(("[", ".")) and not any(q in pattern for q in "'\""):
+        # `x[0]`: the name of one dict key, most likely; its dotted form is not.
+        name = jax.tree_util.keystr((jax.tree_util.DictKey(pattern),))
+        path = "".join(f"[{p}]" if p.isdigit() else f"[{p!r}]" for p in parts)
+        return (
+            f" A dict key named {pattern!r} prints as {name!r}: only that printed "
+            "form or its StateKey selects it (no dotted pattern does, as its name "
+            f"holds `[`). The dotted pattern {'.'.join(parts)!r} selects the path "
+            f"{path}, not that key."
+        )
+    return (
+        " To select by pattern, use the dotted form, where `*` matches any run of "
+        f"characters: {'.'.join(parts)!r}."
+    )
+
+
+def _unambiguous(path: str) -> list[str] | None:
+    """The segments of printed ``path``, None if one holds ``[``, ``]``, ``.``, ``*``.
+
+    Only then does the dotted form select the key the path names.
+    """
+    if _PRINTED.fullmatch(path) is None:
+        return None
+    parts: list[str] = []
+    start = path.find("[")
+    prefix, rest = (path, "") if start < 0 else (path[:start], path[start:])
+    parts += [p for p in prefix.split(".") if p]
+    for match in re.finditer(_SUBSCRIPT_RE + r"|\.([^.\[\]]*)", rest):
+        quoted, bare, attr = match.groups()
+        if attr is not None:
+            segment = attr
+        elif quoted is None:
+            segment = bare
+            if segment == "*":  # `[*]`: a wildcard the user meant
+                parts.append(segment)
+                continue
+        else:
+            try:
+                segment = str(ast.literal_eval(quoted))
+            except (ValueError, SyntaxError):  # as `_segment` reads it
+                segment = quoted[1:-1]
+        if any(c in segment for c in "[].*"):
+            return None
+        parts.append(segment)
+    return parts
 
 
 def _compile_pattern(pattern: str) -> Callable[[str], Any]:

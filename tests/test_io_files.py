@@ -29,7 +29,7 @@ from hypothesis import strategies as st
 
 import lift
 import lift._archive
-from lift import StateKey
+from lift import StateEntry, StateKey, export_state
 from lift._errors import LiftTypeError, LiftValueError
 from lift._format import member_names
 from lift.io import (
@@ -191,6 +191,73 @@ def test_duplicate_keys_and_members_are_refused(saved, tmp_path):
     name, data = members[0]
     pack(tmp_path / "z", manifest, [*members, (name, data[::-1])])
     assert "same name" in str(refused(tmp_path / "z", "s"))
+
+
+def test_a_field_named_twice_in_the_manifest_is_refused(saved, tmp_path):
+    # JSON keeps the last of two equal names: an empty "entries" hidden before the
+    # real one (or the reverse) must not decide what loads.
+    manifest, members = unpack(saved)
+    raw = json.dumps(manifest).replace(
+        '"format": "lift.state"', '"format": "lift.state", "entries": []', 1
+    )
+    with zipfile.ZipFile(tmp_path / "j", "w") as archive:
+        for name, data in members:
+            archive.writestr(name, data)
+        archive.writestr(MANIFEST, raw)
+    message = str(refused(tmp_path / "j", "names the field 'entries' twice"))
+    assert "not a readable lift state file" in message
+    assert "load an intact copy" in message
+
+    raw = json.dumps(manifest).replace('"dtype": ', '"dtype": "int8", "dtype": ', 1)
+    with zipfile.ZipFile(tmp_path / "d", "w") as archive:
+        for name, data in members:
+            archive.writestr(name, data)
+        archive.writestr(MANIFEST, raw)
+    refused(tmp_path / "d", "names the field 'dtype' twice")
+
+
+def test_keys_export_state_makes_that_are_not_subscript_paths_load(tmp_path):
+    # `StateKey` takes any string, and `export_state` makes keys such as these (a
+    # prefix alone, a custom node without key names): a file holding one is intact.
+    class Node:
+        def __init__(self, value: Any) -> None:
+            self.value = value
+
+    jax.tree_util.register_pytree_node(
+        Node, lambda n: ((n.value,), None), lambda _, c: Node(*c)
+    )
+    state = {
+        **export_state(StateEntry(jnp.ones(2)), prefix="not a key")[1],
+        **export_state(Node(StateEntry(jnp.zeros(1))))[1],
+    }
+    assert sorted(state) == ["[<flat index 0>]", "not a key"]
+    save_state(tmp_path / "s", state)
+    assert same(load_state(tmp_path / "s"), state)
+    assert same(load_state(tmp_path / "s", like=state), state)
+
+
+def test_consumed_state_is_refused_naming_its_keys_before_writing(tmp_path):
+    model, state = export_state(
+        {"a": StateEntry(jnp.zeros(3)), "b": {"c": StateEntry(jnp.ones(2))}}
+    )
+
+    def f(x: Any) -> Any:
+        lift.set(model["a"], lift.get(model["a"]) + x)
+        return x
+
+    path = tmp_path / "s"
+    save_state(path, state)
+    before = path.read_bytes()
+    _, new = lift.jit(lift.stateful(f), donate_state=True)(state, 1.0)
+    with pytest.raises(LiftValueError) as info:
+        save_state(path, state)
+    message = str(info.value)
+    assert "\"['a']\" was consumed (deleted) by a donating lifted `jit`" in message
+    assert "Save the state that donating step returned" in message
+    assert os.listdir(tmp_path) == ["s"]
+    assert path.read_bytes() == before
+    save_state(path, new)
+    assert same(load_state(path, like=new), new)
 
 
 def test_a_structure_that_disagrees_with_the_leaves_is_refused(saved, tmp_path):

@@ -436,8 +436,12 @@ def test_printed_form_with_a_glob_is_refused_showing_the_dotted_pattern():
         filter_state(state, "['bn']*")
     message = str(info.value)
     assert "\"['bn']*\"" in message
-    assert "'bn*'" in message
+    # `*` right after a subscript means "below this key": `bn.*`, not `bn*`, which
+    # would also select `['bn2']` and `['bnmean']`.
+    assert "the keys below \"['bn']\", use the dotted pattern 'bn.*'" in message
+    assert "'bn*'" not in message
     assert isinstance(info.value, ValueError)
+    assert sorted(filter_state(state, "bn.*")) == ["['bn']['mean']"]
 
 
 @pytest.mark.parametrize("op", ["filter", "partition", "load"])
@@ -449,7 +453,7 @@ def test_every_filter_user_refuses_a_bracket_glob(op, tmp_path):
         "partition": lambda: lift.partition_state(state, "['bn']*"),
         "load": lambda: lift.load_state(tmp_path / "s", filters="['bn']*"),
     }[op]
-    with pytest.raises(lift.LiftValueError, match=r"'bn\*'"):
+    with pytest.raises(lift.LiftValueError, match=r"'bn\.\*'"):
         call()
 
 
@@ -461,6 +465,37 @@ def test_printed_form_naming_no_key_of_the_state_is_refused():
     ):
         with pytest.raises(lift.LiftValueError, match=r"'bm\.mean'"):
             call()
+
+
+def test_refusal_of_a_key_name_holding_a_bracket_shows_its_printed_form():
+    # `x[0]` once suggested 'x.0', which selects `['x'][0]`, not the key `['x[0]']`.
+    _, state = export_state({"x[0]": StateEntry(jnp.zeros(1)), "x": StateEntry(1.0)})
+    with pytest.raises(lift.LiftValueError) as info:
+        filter_state(state, "x[0]")
+    message = str(info.value)
+    assert "A dict key named 'x[0]' prints as \"['x[0]']\"" in message
+    assert "only that printed form or its StateKey selects it" in message
+    assert "The dotted pattern 'x.0' selects the path ['x'][0], not that key" in message
+    assert list(filter_state(state, "['x[0]']")) == ["['x[0]']"]
+
+
+@pytest.mark.parametrize("pattern", ["['a*b']['q']", "['c.d']['q']", "['c.d']*"])
+def test_refusal_without_an_exact_dotted_form_names_printed_form_and_key(pattern):
+    # A segment holding `[`, `]`, `.` or `*` has no dotted pattern selecting only it.
+    with pytest.raises(lift.LiftValueError) as info:
+        filter_state(_odd_state(), pattern)
+    message = str(info.value)
+    assert repr(pattern) in message
+    assert "selected only by its printed form (`str(key)`) or by its StateKey" in (
+        message
+    )
+    assert "use the dotted" not in message
+
+
+def test_refusal_of_a_bracket_wildcard_shows_the_dotted_glob():
+    _, state = export_state({"layers": [StateEntry(jnp.zeros(1))] * 1})
+    with pytest.raises(lift.LiftValueError, match=r"dotted form.*'layers\.\*'"):
+        filter_state(state, "['layers'][*]")
 
 
 def test_printed_form_matches_only_its_key():
@@ -489,7 +524,7 @@ def test_glob_results_are_the_same_through_vmap_state_axes():
         lift.set(t["bn"], lift.get(t["bn"]) + x)
 
     f = lift.stateful(lambda t, xs: lift.vmap(body, state_axes={"['bn']*": 0})(t, xs))
-    with pytest.raises(lift.LiftValueError, match=r"'bn\*'"):
+    with pytest.raises(lift.LiftValueError, match=r"'bn\.\*'"):
         f(state, tree, jnp.ones((2, 3)))
 
 

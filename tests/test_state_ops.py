@@ -555,3 +555,37 @@ def test_property_merge_of_prefixed_states_never_collides(a, b):
     merged = merge_states(a, b)
     assert len(merged) == len(a) + len(b)
     assert filter_state(merged, lambda k, v: k in a) == a
+
+
+def test_an_eager_stateful_call_with_consumed_state_names_the_keys():
+    # JAX's bare "Array has been deleted" named no key and no fix.
+    model, state = export_state(
+        {"a": StateEntry(jnp.zeros(3)), "b": {"c": StateEntry(jnp.ones(2))}}
+    )
+
+    def f(x):
+        lift.set(model["a"], lift.get(model["a"]) + x)
+        return x
+
+    _, new = lift.jit(lift.stateful(f), donate_state=True)(state, 1.0)
+    with pytest.raises(lift.LiftValueError) as info:
+        lift.stateful(f)(state, 1.0)
+    message = str(info.value)
+    assert message.startswith("`stateful(")
+    assert "consumed" in message
+    assert "deleted buffers at \"['a']\", \"['b']['c']\"" in message
+    assert "Pass the state that donating step returned" in message
+    assert isinstance(info.value.__cause__, RuntimeError)
+    _, again = lift.stateful(f)(new, 1.0)
+    assert again[model["a"]].tolist() == [2.0, 2.0, 2.0]
+
+
+def test_an_eager_runtime_error_with_intact_state_is_not_rewritten():
+    _, state = export_state({"a": StateEntry(jnp.zeros(3))})
+
+    def f():
+        raise RuntimeError("Array has been deleted elsewhere")
+
+    with pytest.raises(RuntimeError, match="deleted elsewhere") as info:
+        lift.stateful(f)(state)
+    assert not isinstance(info.value, lift.LiftError)
