@@ -169,6 +169,10 @@ def run_in_frame(
             # reference made outside it: name the key written.
             written = [k for k, entry in (frame.refs or {}).items() if entry[1]]
             raise shared_write_in_vmap(written[0] if written else None) from err
+        if _CACHED_TRACER in str(err).replace("\n", " "):
+            # Under a vmap, a raw loop body JAX traced in an earlier call closes over
+            # that call's reference, now a tracer of a finished trace.
+            raise cached_reference(name, err) from err
         raise
     finally:
         _FRAME.reset(token)
@@ -182,6 +186,10 @@ def run_in_frame(
     if kind is CoroutineType:
         return cast(R, _awaited_in_closed_frame(out, frame)), new
     return out, new
+
+
+# What JAX says when code it cached closes over a reference from a finished trace.
+_CACHED_TRACER = "allowing for a reference to an intermediate value with type Ref{"
 
 
 def _consumed_keys(state: Mapping[Any, Any]) -> list[str]:

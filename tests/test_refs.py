@@ -785,6 +785,30 @@ def test_the_same_raw_loop_body_works_in_lift_fori_loop_under_vmap(model):
     np.testing.assert_array_equal(new[tree["acc"]], state[tree["acc"]] + 2.0)
 
 
+def test_a_raw_loop_body_reused_under_lift_vmap_in_a_later_call_is_a_trace_error():
+    # JAX caches the traced body of a raw loop per Python function; under a vmap it
+    # closes over the first call's reference, a tracer of a finished trace.
+    tree, state = lift.export_state({"n": lift.StateEntry(jnp.zeros(3, jnp.float32))})
+
+    def body(i, c):
+        lift.set(tree["n"], lift.get(tree["n"]) + 1.0)
+        return c
+
+    def per_example(x):
+        lax.fori_loop(0, 2, body, 0)
+        return x
+
+    f = lift.stateful(lambda xs: lift.vmap(per_example, state_axes=0)(xs))
+    _, new = f(state, jnp.ones(3))
+    np.testing.assert_array_equal(new[tree["n"]], [2.0, 2.0, 2.0])
+    with pytest.raises(lift.TraceError) as info:
+        f(new, jnp.ones(3))
+    msg = str(info.value)
+    assert "earlier call" in msg
+    assert "lift.fori_loop" in msg
+    assert "per_example" in msg or "lambda" in msg  # the function that was called
+
+
 def test_a_cached_raw_jit_in_a_nested_stateful_call_is_reported_once(model):
     tree, state = model
     once = jax.jit(functools.partial(_module_level_body, tree))
