@@ -262,7 +262,7 @@ def lift_step(model: dict[str, Any], opt_state: Any, x: Any, y: Any) -> Any:
 def lift_jit_options() -> dict[str, Any]:
     """``lift.jit`` options: the state donated, and parameters when lift allows it."""
     try:
-        lift.jit(lambda: None, donate_argnums=(0, 1))
+        lift.jit(lambda model, opt_state: None, donate_argnums=(0, 1))
     except (TypeError, ValueError):  # this lift refuses donate_argnums
         return {"donate_state": True}
     return {"donate_state": True, "donate_argnums": (0, 1)}
