@@ -17,13 +17,12 @@ from types import CoroutineType, GeneratorType
 from typing import Any, ParamSpec, TypeVar, cast
 
 import jax
-from jax.core import Tracer
 
 from ._errors import FrameError, LiftError, LiftTypeError, LiftValueError
 from ._export import State
 from ._keys import StateEntry, StateKey
-from ._refs import Frame, cached_reference, shared_write_in_vmap
-from ._tracing import RETIRED, TRACE, retire
+from ._refs import Frame, explain
+from ._tracing import TRACE, retire
 
 __all__ = ["Frame", "current_frame", "get", "is_pure", "lower", "set", "stateful"]
 
@@ -147,33 +146,13 @@ def run_in_frame(
     try:
         out = f(*args, **kwargs)
         new = frame.close()
-    except RuntimeError as err:
-        if "has been deleted" in str(err) and not isinstance(err, LiftError):
-            consumed = _consumed_keys(state)
-            if consumed:
-                raise LiftValueError(
-                    f"{name} was called with a state whose arrays were consumed (a "
-                    "donating lifted `jit` deleted them): deleted buffers at "
-                    f"{', '.join(consumed[:5])}. Pass the state that donating step "
-                    "returned, not the one you gave it; to keep an old one, copy it "
-                    "first (`jax.tree.map(jnp.copy, state)`) or do not donate it."
-                ) from err
-            if RETIRED[0]:
-                raise cached_reference(name, err) from err
-        raise
     except Exception as err:
-        if not isinstance(err, LiftError) and (
-            "vmapped value on an unbatched array reference" in str(err)
-        ):
-            # A raw `jax.vmap` batched a raw loop that writes state through a
-            # reference made outside it: name the key written.
-            written = [k for k, entry in (frame.refs or {}).items() if entry[1]]
-            raise shared_write_in_vmap(written[0] if written else None) from err
-        if _CACHED_TRACER in str(err).replace("\n", " "):
-            # Under a vmap, a raw loop body JAX traced in an earlier call closes over
-            # that call's reference, now a tracer of a finished trace.
-            raise cached_reference(name, err) from err
-        raise
+        better = (
+            None if isinstance(err, LiftError) else explain(err, state, frame, name)
+        )
+        if better is None:
+            raise
+        raise better from err
     finally:
         _FRAME.reset(token)
         if frame.refs:  # `f` raised: drop its references as a return would
@@ -186,24 +165,6 @@ def run_in_frame(
     if kind is CoroutineType:
         return cast(R, _awaited_in_closed_frame(out, frame)), new
     return out, new
-
-
-# What JAX says when code it cached closes over a reference from a finished trace.
-_CACHED_TRACER = "allowing for a reference to an intermediate value with type Ref{"
-
-
-def _consumed_keys(state: Mapping[Any, Any]) -> list[str]:
-    """The keys of ``state`` (repr) holding an array a donating call deleted."""
-    return [
-        repr(str(key))
-        for key, value in state.items()
-        if any(
-            isinstance(leaf, jax.Array)
-            and not isinstance(leaf, Tracer)
-            and leaf.is_deleted()
-            for leaf in jax.tree_util.tree_leaves(value)
-        )
-    ]
 
 
 async def _awaited_in_closed_frame(coro: Any, frame: Frame) -> Any:

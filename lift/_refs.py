@@ -14,10 +14,11 @@ from collections.abc import Mapping
 from typing import Any
 
 import jax
+from jax.core import Tracer
 
-from ._errors import FrameError, LiftKeyError, TraceError, closest
+from ._errors import FrameError, LiftKeyError, LiftValueError, TraceError, closest
 from ._export import State, check_value
-from ._tracing import TRACE, foreign_kind, in_trace, retire, shared_in_vmap
+from ._tracing import RETIRED, TRACE, foreign_kind, in_trace, retire, shared_in_vmap
 
 __all__ = ["Frame", "cached_reference", "shared_write_in_vmap"]
 
@@ -337,3 +338,56 @@ def _unthreadable(key: Any, what: str, kind: str) -> TraceError:
         "derivative, read the state before calling the function and pass it in as an "
         "argument; return the new value and `lift.set` it after the call."
     )
+
+
+def explain(
+    err: Exception, state: Mapping[Any, Any], frame: Frame, name: str
+) -> Exception | None:
+    """A lift error for what JAX raised out of the user's function, if lift knows why.
+
+    ``None`` leaves the exception as it is.
+    """
+    text = str(err)
+    # JAX says "Array has been deleted", or from a compiled primitive "Buffer has
+    # been deleted or donated".
+    if "has been deleted" in text and isinstance(err, (RuntimeError, ValueError)):
+        consumed = _consumed_keys(state)
+        if consumed:
+            return LiftValueError(
+                f"{name} was called with a state whose arrays were consumed (a "
+                "donating lifted `jit` deleted them): deleted buffers at "
+                f"{', '.join(consumed[:5])}. Pass the state that donating step "
+                "returned, not the one you gave it; to keep an old one, copy it "
+                "first (`jax.tree.map(jnp.copy, state)`) or do not donate it."
+            )
+        if RETIRED[0] and isinstance(err, RuntimeError):
+            return cached_reference(name, err)
+        return None
+    if "vmapped value on an unbatched array reference" in text:
+        # A raw `jax.vmap` batched a raw loop that writes state through a reference
+        # made outside it: name the key written.
+        written = [k for k, entry in (frame.refs or {}).items() if entry[1]]
+        return shared_write_in_vmap(written[0] if written else None)
+    if _CACHED_TRACER in text.replace("\n", " "):
+        # Under a vmap, a raw loop body JAX traced in an earlier call closes over that
+        # call's reference, now a tracer of a finished trace.
+        return cached_reference(name, err)
+    return None
+
+
+# What JAX says when code it cached closes over a reference from a finished trace.
+_CACHED_TRACER = "allowing for a reference to an intermediate value with type Ref{"
+
+
+def _consumed_keys(state: Mapping[Any, Any]) -> list[str]:
+    """The keys of ``state`` (repr) holding an array a donating call deleted."""
+    return [
+        repr(str(key))
+        for key, value in state.items()
+        if any(
+            isinstance(leaf, jax.Array)
+            and not isinstance(leaf, Tracer)
+            and leaf.is_deleted()
+            for leaf in jax.tree_util.tree_leaves(value)
+        )
+    ]
