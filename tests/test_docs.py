@@ -252,7 +252,8 @@ def test_docs_make_no_claim_the_benchmarks_contradict_and_install_jax_lift():
     for path in [*PAGES, *(ROOT / "examples").glob("*.py")]:
         text = path.read_text()
         assert not claim.search(text), path
-        # The distribution is jax-lift: `pip install lift` installs another project.
+        # The distribution is jax-lift: installing the index's `lift` gets another
+        # project.
         assert not re.search(r"pip install ['\"]?lift\b", text), path
 
 
