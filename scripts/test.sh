@@ -186,6 +186,13 @@ fi
 LIFT_REQUIRE_EXTRAS=1 run_pytest "$TMP/pytest.log" python
 done_step
 
+# lift.jit's C++ dispatch layer is optional: the transform tests pass without it too.
+step "pytest, transforms with lift.jit's fast path off (LIFT_JIT_FAST_PATH=0)"
+LIFT_JIT_FAST_PATH=0 LIFT_REQUIRE_EXTRAS=1 run_pytest "$TMP/pytest-slow-path.log" \
+    python tests/test_transforms.py tests/test_multidevice.py tests/test_memory.py \
+    tests/test_equivalence.py tests/test_differential.py
+done_step
+
 # ------------------------------------------------------------------------- lint
 SOURCES=()
 for dir in lift tests examples benchmarks; do
