@@ -438,16 +438,21 @@ except lift.LiftError as err:
 """
 
 
-def test_reusing_donated_sharded_state_is_an_error():
-    # In a subprocess: without lift's check the process dies with SIGSEGV.
+def _run_on_eight_devices(code: str) -> subprocess.CompletedProcess:
+    """Run ``code`` in a fresh Python with 8 CPU devices: a crash fails the test."""
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
-    proc = subprocess.run(
-        [sys.executable, "-c", _REUSE_DONATED],
+    return subprocess.run(
+        [sys.executable, "-c", code],
         env=env,
         capture_output=True,
         text=True,
         timeout=120,
     )
+
+
+def test_reusing_donated_sharded_state_is_an_error():
+    # In a subprocess: without lift's check the process dies with SIGSEGV.
+    proc = _run_on_eight_devices(_REUSE_DONATED)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "LiftError:" in proc.stdout
     assert "donate_state" in proc.stdout
@@ -486,14 +491,7 @@ def test_consumed_sharded_state_into_a_compiled_jit_is_an_error():
     # Issue 14.9: a multi-device state consumed by a donating step, passed to another
     # already-compiled lifted jit, killed the process (SIGSEGV) inside XLA. In a
     # subprocess, so that a crash fails this test instead of killing pytest.
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
-    proc = subprocess.run(
-        [sys.executable, "-c", _CONSUMED_INTO_COMPILED],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    proc = _run_on_eight_devices(_CONSUMED_INTO_COMPILED)
     assert proc.returncode == 0, proc.stderr[-2000:]
     lines = proc.stdout.splitlines()
     for name, line in zip(["evaluate", "later"], lines, strict=False):
