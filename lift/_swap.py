@@ -84,13 +84,22 @@ def _module(kind: type, values: dict[str, Any]) -> Any:
     return module
 
 
-def _open(node: Any, kind: type, named: bool) -> Any:
+def _open(node: Any, kind: type, named: bool, path: str | None) -> Any:
     """``(children, node data, names)`` of a custom node, opened one level.
 
     ``None`` for a leaf of a type the walk does not know. ``names`` (the children's
     key strings, by position) only when ``named``.
     """
-    flat = _registry.flatten_one_level(node)
+    try:
+        flat = _registry.flatten_one_level(node)
+    except (TypeError, ValueError) as err:  # a dict subclass with unsortable keys
+        where = (
+            "in the tree" if path is None else f"at {path!r}" if path else "at the root"
+        )
+        raise LiftValueError(
+            f"The {kind.__qualname__} {where} cannot be flattened by JAX: {err}. "
+            "If it is a dict, use keys of one type (all str, for example)."
+        ) from err
     if flat is None:
         return None
     children, aux = list(flat[0]), flat[1]
@@ -150,7 +159,7 @@ def walk(self, node, path):
         if fields[2] <= values.keys():
 {module_loop}
             return node if out is None else _module(kind, out)
-    how = _open(node, kind, {named})
+    how = _open(node, kind, {named}, path)
     if how is None:
         return node
     children, aux, names = how
@@ -165,8 +174,7 @@ _EXPORT = {
         return node
     if self.is_leaf is not None and self.is_leaf(node):
         return node
-    entries, state = self.entries, self.state
-    checked = False""",
+    entries, state = self.entries, self.state""",
     "target": "StateEntry",
     "swap": "new = StateKey({name})\n"
     "        state[new] = child.value\n"
@@ -200,14 +208,15 @@ _KINDS = {
         name="path + names[i]", copy="children",
     ),
 }  # fmt: skip
-# Export only: a dict holding state under a key that is not a str may hold keys that
-# JAX, which sorts a dict's keys, cannot order; `_check_keys` looks at all of them,
-# once per dict.
+# Export only: JAX sorts a dict's keys whenever it flattens it, so a dict that holds
+# state (the only kind the walk rebuilds) must have keys it can order. Checked once,
+# when the dict is first copied: `min` compares every key with the least so far, in C.
 _DICT_CHECK = """\
-    if type(k) is not str and not checked:
-        _check_keys(node, path)
-        checked = True
-    if out is None:"""
+    if out is None:
+        try:
+            min(node)
+        except Exception:
+            _refuse_keys(node, path)"""
 
 
 def walk_source(export: bool) -> str:
@@ -226,8 +235,8 @@ def walk_source(export: bool) -> str:
             name=name,
             copy=kind["copy"],
         )
-        if export and part == "dict_loop":  # after a child changed under key `k`
-            loop = loop.replace("    if out is None:\n", _DICT_CHECK + "\n", 1)
+        if export and part == "dict_loop":  # before the dict is first copied
+            loop = loop.replace("    if out is None:", _DICT_CHECK, 1)
         loops[part] = "\n".join(
             "    " * int(kind["indent"]) + line
             for line in loop.splitlines()
@@ -279,19 +288,16 @@ class Import:
     walk = _compile_walk(export=False)
 
 
-def _check_keys(node: dict, path: str) -> None:
+def _refuse_keys(node: dict, path: str) -> None:
     """Refuse a dict holding state whose keys JAX cannot sort (it sorts them)."""
-    try:
-        min(node)  # compares every key with the least so far
-    except TypeError:
-        kinds = sorted({type(k).__name__ for k in node})
-        raise LiftValueError(
-            f"`export_state`: the dict at {path or 'the root'!r} holds state and has "
-            f"keys of types {', '.join(kinds)}, which cannot be ordered. JAX sorts a "
-            "dict's keys whenever it flattens it, so `lift.jit` and every other "
-            "transform would refuse this tree. Use keys of one type (all str, for "
-            "example)."
-        ) from None
+    kinds = sorted({type(k).__name__ for k in node})
+    where = repr(path) if path else "the root"
+    raise LiftValueError(
+        f"`export_state`: the dict at {where} holds state and has keys "
+        f"of types {', '.join(kinds)}, which cannot be ordered. JAX sorts a dict's "
+        "keys whenever it flattens it, so `lift.jit` and every other transform would "
+        "refuse this tree. Use keys of one type (all str, for example)."
+    ) from None
 
 
 def _is_namedtuple(node: Any, kind: type, aux: Any) -> bool:
