@@ -13,6 +13,8 @@ from ._errors import LiftError as LiftError
 from ._errors import LiftKeyError as LiftKeyError
 from ._errors import LiftTypeError as LiftTypeError
 from ._errors import LiftValueError as LiftValueError
+from ._errors import StateFileError as StateFileError
+from ._errors import StateMismatchError as StateMismatchError
 from ._errors import TraceError as TraceError
 from ._export import export_state as export_state
 from ._export import filter_state as filter_state
@@ -58,7 +60,9 @@ __all__ = [  # noqa: RUF022 - grouped: errors, trees, frames, transforms, io
     "LiftTypeError",
     "LiftValueError",
     "StateEntry",
+    "StateFileError",
     "StateKey",
+    "StateMismatchError",
     "TraceError",
     "checkpoint",
     "cond",

@@ -16,6 +16,8 @@ __all__ = [
     "LiftKeyError",
     "LiftTypeError",
     "LiftValueError",
+    "StateFileError",
+    "StateMismatchError",
     "TraceError",
     "closest",
     "describe",
@@ -115,6 +117,50 @@ class TraceError(LiftError, RuntimeError):
         ...     print("TraceError")
         TraceError
     """
+
+
+class StateFileError(LiftValueError):
+    """A file is not a readable lift state file: truncated, damaged, or unknown.
+
+    Examples:
+        >>> import os, tempfile
+        >>> from lift import StateFileError, load_state
+        >>> with tempfile.TemporaryDirectory() as folder:
+        ...     path = os.path.join(folder, "notes.txt")
+        ...     with open(path, "w") as f:
+        ...         _ = f.write("not a state")
+        ...     try:
+        ...         load_state(path)
+        ...     except StateFileError as err:
+        ...         print("not a readable lift state file" in str(err))
+        True
+    """
+
+
+class StateMismatchError(LiftValueError):
+    """Loaded state does not match ``like``; ``problems`` lists every difference.
+
+    Attributes:
+        problems: ``(path, description)`` pairs, one per problem, in path order.
+
+    Examples:
+        >>> import jax.numpy as jnp
+        >>> from lift import StateKey
+        >>> from lift import StateMismatchError, from_pure_dict
+        >>> like = {StateKey("a"): jnp.zeros(2), StateKey("b"): jnp.zeros(())}
+        >>> try:
+        ...     from_pure_dict({"a": jnp.zeros(3)}, like=like)
+        ... except StateMismatchError as err:
+        ...     for problem in err.problems:
+        ...         print(problem)
+        ('a', 'shape (3,) in the dict, `like` has (2,)')
+        ('b', 'in `like` but not in the dict')
+    """
+
+    def __init__(self, message: str, problems: list[tuple[str, str]]) -> None:
+        """Hold the message and the list of problems."""
+        super().__init__(message)
+        self.problems = problems
 
 
 # How alike (difflib's ratio, 0 to 1) an existing path must be to be suggested: a

@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ._errors import LiftValueError
+from ._errors import LiftValueError, StateFileError
 
 __all__ = [
     "FORMAT",
@@ -72,24 +72,6 @@ _MAX_DEPTH = 256  # nesting of a value's structure in the manifest
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _FALLBACK = re.compile(r"leaf[0-9]+\.npy")
 _MAX_MEMBER_BYTES = 4096  # zip names hold 65,535 bytes; long paths get numbered names
-
-
-class StateFileError(LiftValueError):
-    """A file is not a readable lift state file: truncated, damaged, or unknown.
-
-    Examples:
-        >>> import os, tempfile
-        >>> from lift.io import StateFileError, load_state
-        >>> with tempfile.TemporaryDirectory() as folder:
-        ...     path = os.path.join(folder, "notes.txt")
-        ...     with open(path, "w") as f:
-        ...         _ = f.write("not a state")
-        ...     try:
-        ...         load_state(path)
-        ...     except StateFileError as err:
-        ...         print("not a readable lift state file" in str(err))
-        True
-    """
 
 
 class Damaged(Exception):

@@ -12,7 +12,7 @@ from typing import Any
 
 import jax
 
-from ._errors import LiftTypeError, LiftValueError
+from ._errors import LiftTypeError, LiftValueError, StateMismatchError
 from ._format import leaf_paths
 from ._keys import StateKey
 
@@ -26,32 +26,6 @@ __all__ = [
     "mismatch",
     "sharding_of",
 ]
-
-
-class StateMismatchError(LiftValueError):
-    """Loaded state does not match ``like``; ``problems`` lists every difference.
-
-    Attributes:
-        problems: ``(path, description)`` pairs, one per problem, in path order.
-
-    Examples:
-        >>> import jax.numpy as jnp
-        >>> from lift import StateKey
-        >>> from lift.io import StateMismatchError, from_pure_dict
-        >>> like = {StateKey("a"): jnp.zeros(2), StateKey("b"): jnp.zeros(())}
-        >>> try:
-        ...     from_pure_dict({"a": jnp.zeros(3)}, like=like)
-        ... except StateMismatchError as err:
-        ...     for problem in err.problems:
-        ...         print(problem)
-        ('a', 'shape (3,) in the dict, `like` has (2,)')
-        ('b', 'in `like` but not in the dict')
-    """
-
-    def __init__(self, message: str, problems: list[tuple[str, str]]) -> None:
-        """Hold the message and the list of problems."""
-        super().__init__(message)
-        self.problems = problems
 
 
 HINT = (

@@ -80,17 +80,24 @@ def test_unknown_attribute_is_an_attribute_error():
         lift.no_such_thing  # type: ignore[attr-defined]  # noqa: B018
 
 
-def test_error_classes_are_public():
-    assert lift.LiftKeyError.__module__ == "lift._errors"
+def test_error_classes_are_public_and_defined_in_one_module():
     for name, builtin in [
         ("LiftKeyError", KeyError),
         ("LiftTypeError", TypeError),
         ("LiftValueError", ValueError),
+        ("FrameError", RuntimeError),
+        ("TraceError", RuntimeError),
+        ("StateFileError", ValueError),
+        ("StateMismatchError", ValueError),
     ]:
         cls = getattr(lift, name)
         assert name in lift.__all__
+        assert cls.__module__ == "lift._errors"
         assert issubclass(cls, lift.LiftError)
         assert issubclass(cls, builtin)
+    # The file errors are the same classes under `lift.io`.
+    assert lift.io.StateFileError is lift.StateFileError
+    assert lift.io.StateMismatchError is lift.StateMismatchError
 
 
 def test_all_names_exist_and_are_unique():
