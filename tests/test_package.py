@@ -210,3 +210,48 @@ def test_a_missing_optional_module_skips_unless_extras_are_required(monkeypatch)
     assert root._optional_missing("No module named 'optaxx'") is None  # no extra's
     monkeypatch.setenv("LIFT_REQUIRE_EXTRAS", "1")
     assert root._optional_missing("No module named 'optax'") is None
+
+
+# The builtin exceptions lift may raise, and why: everything else it raises is a
+# `LiftError` (one of the classes in `lift._errors`), an internal signal caught inside
+# lift, or the result of a function that builds one of those.
+BUILTINS_ALLOWED = {
+    "AttributeError": "a missing attribute of the `lift` module (PEP 562)",
+    "KeyError": "`Memo.__getitem__`, a mapping's protocol",
+    "ImportError": "a converter whose framework is not installed",
+    "FileExistsError": "no free temporary name next to the file being saved",
+    "FileNotFoundError": "a missing file or folder, as `open` says it",
+    "AssertionError": "a branch that cannot be reached",
+}
+INTERNAL_SIGNALS = {"Damaged", "VersionError", "NeedsLike", "_Fallback"}
+
+
+def _raised_classes() -> dict[str, list[str]]:
+    import ast
+
+    found: dict[str, list[str]] = {}
+    for path in sorted((ROOT / "lift").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Raise) and node.exc is not None:
+                exc = node.exc.func if isinstance(node.exc, ast.Call) else node.exc
+                name = ast.unparse(exc)
+                if name[:1].isupper():  # a class; lower case is a builder's result
+                    found.setdefault(name, []).append(f"{path.name}:{node.lineno}")
+    return found
+
+
+def test_lift_raises_its_own_errors_and_a_few_documented_builtins():
+    errors = {
+        name
+        for name in lift.__all__
+        if isinstance(getattr(lift, name), type)
+        and issubclass(getattr(lift, name), lift.LiftError)
+    }
+    raised = _raised_classes()
+    assert "LiftValueError" in raised  # the scan sees lift's raise sites
+    unexpected = {
+        name: where
+        for name, where in raised.items()
+        if name not in errors | INTERNAL_SIGNALS | set(BUILTINS_ALLOWED)
+    }
+    assert not unexpected, f"raise sites of other exceptions: {unexpected}"
