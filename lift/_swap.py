@@ -174,7 +174,8 @@ _EXPORT = {
         return node
     if self.is_leaf is not None and self.is_leaf(node):
         return node
-    entries, state = self.entries, self.state""",
+    entries, state = self.entries, self.state
+    checked = False""",
     "target": "StateEntry",
     "swap": "new = StateKey({name})\n"
     "        state[new] = child.value\n"
@@ -208,15 +209,12 @@ _KINDS = {
         name="path + names[i]", copy="children",
     ),
 }  # fmt: skip
-# Export only: JAX sorts a dict's keys whenever it flattens it, so a dict that holds
-# state (the only kind the walk rebuilds) must have keys it can order. Checked once,
-# when the dict is first copied: `min` compares every key with the least so far, in C.
+# Export only: JAX sorts a dict's keys whenever it flattens it, so every dict the walk
+# opens must have keys JAX can order. A str key needs no check; the first other key
+# checks them all (`_check_keys`), once per dict.
 _DICT_CHECK = """\
-    if out is None:
-        try:
-            min(node)
-        except Exception:
-            _refuse_keys(node, path)"""
+    if type(k) is not str and not checked:
+        checked = _check_keys(node, path)"""
 
 
 def walk_source(export: bool) -> str:
@@ -235,8 +233,8 @@ def walk_source(export: bool) -> str:
             name=name,
             copy=kind["copy"],
         )
-        if export and part == "dict_loop":  # before the dict is first copied
-            loop = loop.replace("    if out is None:", _DICT_CHECK, 1)
+        if export and part == "dict_loop":  # first thing for each key
+            loop = loop.replace("    {read}".format(read=kind["read"]), _DICT_CHECK, 1)
         loops[part] = "\n".join(
             "    " * int(kind["indent"]) + line
             for line in loop.splitlines()
@@ -288,13 +286,18 @@ class Import:
     walk = _compile_walk(export=False)
 
 
-def _refuse_keys(node: dict, path: str) -> None:
-    """Refuse a dict holding state whose keys JAX cannot sort (it sorts them)."""
+def _check_keys(node: dict, path: str) -> bool:
+    """``True``, or refuse a dict whose keys JAX cannot sort (it sorts them)."""
+    try:
+        min(node)  # compares every key with the least so far
+        return True
+    except Exception:  # whatever a key's `<` raises, JAX would refuse it too
+        pass
     kinds = sorted({type(k).__name__ for k in node})
     where = repr(path) if path else "the root"
     raise LiftValueError(
-        f"`export_state`: the dict at {where} holds state and has keys "
-        f"of types {', '.join(kinds)}, which cannot be ordered. JAX sorts a dict's "
+        f"`export_state`: the dict at {where} has keys of types {', '.join(kinds)}, "
+        "which cannot be ordered. JAX sorts a dict's "
         "keys whenever it flattens it, so `lift.jit` and every other transform would "
         "refuse this tree. Use keys of one type (all str, for example)."
     ) from None

@@ -439,13 +439,24 @@ def test_overlapping_exports_in_threads_restore_the_collector():
     assert gc.isenabled()
 
 
-def test_a_dict_without_state_is_left_as_the_user_gave_it():
-    # Only a dict holding state is rebuilt, so only it is checked: one holding no state
-    # is returned as it is, and JAX refuses it exactly as it does without lift.
-    odd = {1: 2.0, "c": 3.0}
-    tree, state = export_state({"a": StateEntry(jnp.zeros(1)), "b": odd})
-    assert tree["b"] is odd
-    assert list(state) == ["['a']"]
+def test_a_dict_without_state_that_jax_cannot_sort_is_refused_too():
+    # JAX would refuse the exported tree in every transform, state or not.
+    with pytest.raises(lift.LiftValueError, match=r"dict at \"\['b'\]\" has keys"):
+        export_state({"a": StateEntry(jnp.zeros(1)), "b": {1: 2.0, "c": 3.0}})
+
+
+def test_the_keys_of_a_dict_are_compared_once(monkeypatch):
+    from lift import _swap
+
+    calls = []
+    check = _swap._check_keys
+    monkeypatch.setattr(
+        _swap, "_check_keys", lambda node, path: calls.append(path) or check(node, path)
+    )
+    tree = {"layers": {i: StateEntry(jnp.zeros(1)) for i in range(50)}, "w": 1.0}
+    _, state = export_state(tree)
+    assert len(state) == 50
+    assert calls == ["['layers']"]  # all-str dicts need no comparison
 
 
 def test_a_dict_subclass_jax_cannot_sort_is_a_lift_error_naming_its_path():
