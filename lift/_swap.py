@@ -289,7 +289,7 @@ class Import:
 def _check_keys(node: dict, path: str) -> bool:
     """``True``, or refuse a dict whose keys JAX cannot sort (it sorts them)."""
     try:
-        min(node)  # compares every key with the least so far
+        sorted(node)  # as JAX sorts them (only dicts with a non-str key get here)
         return True
     except Exception:  # whatever a key's `<` raises, JAX would refuse it too
         pass
