@@ -2,7 +2,7 @@
 
 Usage (from the repository root)::
 
-    python benchmarks/run.py            # full run, about half an hour
+    python benchmarks/run.py            # full run, about 20 minutes
     LIFT_BENCH_QUICK=1 python benchmarks/run.py   # smoke run, a few minutes
     python benchmarks/run.py --quick --only e2e   # one module, smoke run
 
