@@ -81,7 +81,7 @@ def plan_state(state: Mapping[Any, Any]) -> list[_Planned]:
     """The entries of ``state`` in key order, every leaf checked before any write."""
     plan = []
     for key in sorted(state, key=str):
-        paths, leaves, treedef = leaf_paths(state[key])
+        paths, leaves, treedef = leaf_paths(state[key], key)
         leaves = [_checked(str(key) + p, x) for p, x in zip(paths, leaves, strict=True)]
         tree = encode_tree(state[key], str(key))
         plan.append(_Planned(str(key), tree, treedef, paths, leaves))

@@ -21,6 +21,7 @@ __all__ = [
     "TraceError",
     "closest",
     "describe",
+    "unflattenable",
 ]
 
 
@@ -162,6 +163,10 @@ class StateMismatchError(LiftValueError):
         super().__init__(message)
         self.problems = problems
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Pickled (across processes), copied and deep-copied with its problems.
+        return (type(self), (str(self), self.problems))
+
 
 # How alike (difflib's ratio, 0 to 1) an existing path must be to be suggested: a
 # one-letter typo in a short path scores about 0.9, an unrelated path of similar length
@@ -180,6 +185,16 @@ def closest(path: str, candidates: Iterable[Any]) -> str:
         return "The state is empty."
     match = difflib.get_close_matches(path, names, n=1, cutoff=CLOSE)
     return f"The closest existing path is {match[0]!r}." if match else ""
+
+
+def unflattenable(where: str, key: Any, err: BaseException) -> LiftValueError:
+    """The error for a state value JAX cannot flatten (a dict with mixed key types)."""
+    return LiftValueError(
+        f"{where}: the value of {str(key)!r} cannot be flattened by JAX "
+        f"({str(err).rstrip('.')}). A "
+        "state value is a pytree of arrays that JAX can flatten: a dict in it needs "
+        "keys of one type (all str, for example)."
+    )
 
 
 def describe(value: Any) -> str:

@@ -13,7 +13,13 @@ from typing import Any, TypeVar
 
 import jax
 
-from ._errors import LiftKeyError, LiftTypeError, LiftValueError, closest
+from ._errors import (
+    LiftKeyError,
+    LiftTypeError,
+    LiftValueError,
+    closest,
+    unflattenable,
+)
 from ._keys import (
     StateEntry,
     StateKey,
@@ -106,15 +112,17 @@ def export_state(
             dataclasses, Equinox or Inox modules, custom nodes.
         prefix: a string put in front of every new key's path, so that the states of
             two trees can be merged without collisions.
-        is_leaf: as in :func:`jax.tree_util.tree_flatten`; a subtree it accepts is not
-            searched for entries.
+        is_leaf: as in :func:`jax.tree_util.tree_flatten`; a subtree it accepts is kept
+            as it is, neither searched for entries nor checked (the dicts elsewhere
+            must have keys JAX can sort).
 
     Returns:
         ``(tree, state)``: the tree with keys in place of entries, and the dict from
         each key to its entry's value.
 
     Raises:
-        LiftValueError: a new key equals a key already in the tree.
+        LiftValueError: a new key equals a key already in the tree; a dict has keys
+            JAX cannot sort (``{"a": ..., 1: ...}``), or a node cannot be flattened.
 
     Examples:
         >>> import jax.numpy as jnp
@@ -163,7 +171,12 @@ def _refuse_nested(state: State) -> None:
     for key, value in state.items():
         if type(value) in _LEAF_TYPES:
             continue
-        leaves = jax.tree_util.tree_leaves_with_path(value, is_leaf=_is_entry_or_key)
+        try:
+            leaves = jax.tree_util.tree_leaves_with_path(
+                value, is_leaf=_is_entry_or_key
+            )
+        except (TypeError, ValueError) as err:  # JAX's "Comparator raised exception"
+            raise unflattenable("`export_state`", key, err) from err
         for path, leaf in leaves:
             if type(leaf) in _NESTING:
                 inner = str(key) + jax.tree_util.keystr(path)

@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ._errors import LiftValueError, StateFileError
+from ._errors import LiftValueError, StateFileError, unflattenable
 
 __all__ = [
     "FORMAT",
@@ -157,9 +157,17 @@ def key_layout(impl: str) -> tuple[str, tuple[int, ...]] | None:
         return None
 
 
-def leaf_paths(value: Any) -> tuple[list[str], list[Any], Any]:
-    """The key paths (as strings) and leaves of ``value``, and its treedef."""
-    with_path, treedef = jax.tree_util.tree_flatten_with_path(value)
+def leaf_paths(
+    value: Any, key: Any = None, where: str = "`save_state`"
+) -> tuple[list[str], list[Any], Any]:
+    """The key paths (as strings) and leaves of ``value``, and its treedef.
+
+    A value JAX cannot flatten is a :class:`LiftValueError` naming ``key``.
+    """
+    try:
+        with_path, treedef = jax.tree_util.tree_flatten_with_path(value)
+    except (TypeError, ValueError) as err:  # JAX's "Comparator raised exception"
+        raise unflattenable(where, key, err) from err
     paths = [jax.tree_util.keystr(p) for p, _ in with_path]
     return paths, [leaf for _, leaf in with_path], treedef
 

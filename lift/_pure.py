@@ -50,7 +50,7 @@ def to_pure_dict(state: Mapping[StateKey, Any]) -> dict[str, Any]:
     check_state(state, "to_pure_dict")
     out: dict[str, Any] = {}
     for key, value in state.items():
-        paths, leaves, _ = leaf_paths(value)
+        paths, leaves, _ = leaf_paths(value, key, "`to_pure_dict`")
         for path, leaf in zip(paths, leaves, strict=True):
             name = str(key) + path
             if name in out:

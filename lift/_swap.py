@@ -92,19 +92,33 @@ def _open(node: Any, kind: type, named: bool, path: str | None) -> Any:
     """
     try:
         flat = _registry.flatten_one_level(node)
-    except (TypeError, ValueError) as err:  # a dict subclass with unsortable keys
-        where = (
-            "in the tree" if path is None else f"at {path!r}" if path else "at the root"
-        )
-        raise LiftValueError(
-            f"The {kind.__qualname__} {where} cannot be flattened by JAX: {err}. "
-            "If it is a dict, use keys of one type (all str, for example)."
-        ) from err
+    except Exception as err:  # the node's own flatten (or a dict subclass's sort)
+        raise _unflattenable(node, kind, path, "", err) from err
     if flat is None:
         return None
     children, aux = list(flat[0]), flat[1]
-    names = _child_names(node, kind, aux, len(children)) if named else None
+    names = _child_names(node, kind, aux, len(children), path) if named else None
     return children, aux, names
+
+
+def _unflattenable(
+    node: Any, kind: type, path: str | None, how: str, err: Exception
+) -> LiftValueError:
+    where = "in the tree" if path is None else f"at {path!r}" if path else "at the root"
+    fix = (
+        "use keys of one type (all str, for example)"
+        if isinstance(node, dict)
+        else f"fix the {kind.__qualname__}'s pytree registration"
+    )
+    why = (
+        "lift names state by JAX's key paths, so `export_state` needs it"
+        if how
+        else "JAX flattens it in every transform"
+    )
+    return LiftValueError(
+        f"The {kind.__qualname__} {where} cannot be flattened{how} by JAX: "
+        f"{type(err).__name__}: {err}. {why}: {fix}."
+    )
 
 
 def _close(node: Any, kind: type, aux: Any, children: list) -> Any:
@@ -308,19 +322,24 @@ def _is_namedtuple(node: Any, kind: type, aux: Any) -> bool:
     return aux is kind and isinstance(node, tuple) and hasattr(kind, "_fields")
 
 
-def _child_names(node: Any, kind: type, aux: Any, n: int) -> tuple[str, ...]:
+def _child_names(
+    node: Any, kind: type, aux: Any, n: int, path: str | None
+) -> tuple[str, ...]:
     """The key strings of a custom node's children, remembered per structure."""
     if _is_namedtuple(node, kind, aux):
         # JAX's own namedtuple rule. (0.10.2's `flatten_one_level_with_keys` repeats
         # the first field's key for every child, so name them here.)
         return tuple(f".{name}" for name in kind._fields)
     try:
-        memo_key = (kind, aux, n)
+        memo_key = (kind, _exact(aux), n)
         names = _NAMES.get(memo_key)
-    except (TypeError, ValueError):  # node data that cannot be hashed or compared
+    except Exception:  # node data that cannot be hashed, compared or printed
         memo_key, names = None, None
     if names is None:
-        keyed = _registry.flatten_one_level_with_keys(node)
+        try:
+            keyed = _registry.flatten_one_level_with_keys(node)
+        except Exception as err:  # the node's own flatten with keys
+            raise _unflattenable(node, kind, path, " with keys", err) from err
         names = tuple(str(k) for k, _ in keyed[0]) if keyed is not None else ()
         if len(names) != n:
             raise LiftValueError(
@@ -332,6 +351,33 @@ def _child_names(node: Any, kind: type, aux: Any, n: int) -> tuple[str, ...]:
         if memo_key is not None:
             _NAMES.put(memo_key, names)
     return names
+
+
+# Types whose equal values print differently beyond their type (0.0 and -0.0), and
+# containers, whose items need the same care.
+_BY_REPR = frozenset(
+    {float, complex, tuple, list, np.float16, np.float32, np.float64, np.longdouble}
+    | {np.complex64, np.complex128, np.clongdouble}
+)
+
+
+def _exact(aux: Any) -> Any:
+    """``aux`` as a memo key that tells apart equal values printed differently.
+
+    Node data often holds the keys a node's children are named by, and ``1``,
+    ``1.0``, ``True`` and ``np.int32(1)`` (or ``0.0`` and ``-0.0``) are equal, hash
+    alike, and name a child ``[1]``, ``[1.0]``, ``[True]``...: a value is keyed with
+    its type, a float with its ``repr`` too.
+    """
+    kind = type(aux)
+    if kind is tuple or kind is list:
+        kinds = tuple(map(type, aux))
+        if _BY_REPR.isdisjoint(kinds):  # the common case: str (or int) keys
+            return (tuple(aux), kinds)
+        return tuple(map(_exact, aux))
+    if kind in _BY_REPR:
+        return (kind, repr(aux))
+    return (aux, kind)
 
 
 def _module_fields(node: Any, kind: type) -> Any:
@@ -349,7 +395,10 @@ def _module_fields(node: Any, kind: type) -> Any:
             if not f.metadata.get("static", False)
         )
         values = object.__getattribute__(node, "__dict__")
-        keyed = _registry.flatten_one_level_with_keys(node)
+        try:
+            keyed = _registry.flatten_one_level_with_keys(node)
+        except Exception:  # the walk's generic path names the error and the path
+            keyed = None
         if (
             keyed is not None
             and len(keyed[0]) == len(attrs)

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax._src.core import Tracer
 
-from ._errors import LiftTypeError, LiftValueError, TraceError, describe
+from ._errors import LiftTypeError, LiftValueError, TraceError, describe, unflattenable
 from ._tracing import _ArrayImpl as ArrayImpl
 from ._tracing import dead_tracer
 
@@ -64,7 +64,10 @@ def check_value(key: Any, old: Any, new: Any, *, where: str) -> Any:
     ):
         return new
     old_leaves, old_def = jax.tree_util.tree_flatten(old)
-    new_leaves, new_def = jax.tree_util.tree_flatten(new)
+    try:
+        new_leaves, new_def = jax.tree_util.tree_flatten(new)
+    except (TypeError, ValueError) as err:  # JAX's "Comparator raised exception"
+        raise unflattenable(where, key, err) from err
     if old_def != new_def:
         raise LiftValueError(
             f"{where}: the new value of {str(key)!r} has structure {new_def}, but the "

@@ -463,3 +463,24 @@ def test_a_dict_subclass_jax_cannot_sort_is_a_lift_error_naming_its_path():
     odd = collections.defaultdict(int, {"a": StateEntry(jnp.zeros(1)), 1: 2})
     with pytest.raises(lift.LiftValueError, match=r"defaultdict at \"\['m'\]\""):
         export_state({"m": odd})
+
+
+@pytest.mark.parametrize("at_root", [False, True])
+def test_a_state_value_jax_cannot_flatten_is_refused_naming_its_key(at_root):
+    x = jnp.ones(2)
+    entry = StateEntry({1: x, "a": x})
+    with pytest.raises(lift.LiftValueError, match="cannot be flattened") as info:
+        export_state(entry if at_root else {"w": entry})
+    assert ("''" if at_root else "\"['w']\"") in str(info.value)
+
+
+def test_update_state_and_set_refuse_a_value_jax_cannot_flatten():
+    x = jnp.ones(2)
+    tree, state = export_state({"w": StateEntry({"a": x, "b": x})})
+    bad = {1: x, "a": x}
+    with pytest.raises(lift.LiftValueError, match=r"update_state.*\['w'\]"):
+        lift.update_state(state, {tree["w"]: bad})
+    step = lift.stateful(lambda: lift.set(tree["w"], bad))
+    for f in (step, lift.jit(step)):
+        with pytest.raises(lift.LiftValueError, match=r"lift.set.*cannot be flattened"):
+            f(state)

@@ -649,3 +649,24 @@ def test_fuzzed_files_load_exactly_or_raise_state_file_error(data):
                 assert same(value, state[key]), key
             if like is not None:
                 assert list(got) == list(state)
+
+
+def test_save_state_and_to_pure_dict_refuse_a_value_jax_cannot_flatten(tmp_path):
+    x = jnp.ones(2)
+    state = {lift.StateKey("w"): {1: x, "a": x}}  # built by hand, not exported
+    with pytest.raises(lift.LiftValueError, match=r"save_state.*'w'.*flattened"):
+        lift.save_state(tmp_path / "s", state)
+    assert not list(tmp_path.iterdir())  # nothing left behind
+    with pytest.raises(lift.LiftValueError, match=r"to_pure_dict.*'w'.*flattened"):
+        lift.to_pure_dict(state)
+
+
+def test_a_state_mismatch_error_pickles_and_copies_with_its_problems():
+    import copy
+    import pickle
+
+    err = lift.StateMismatchError("differs", [("a", "shape")])
+    for again in (pickle.loads(pickle.dumps(err)), copy.copy(err), copy.deepcopy(err)):
+        assert type(again) is lift.StateMismatchError
+        assert str(again) == "differs"
+        assert again.problems == [("a", "shape")]

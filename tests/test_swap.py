@@ -9,10 +9,12 @@ entry comes back as the very same object.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 from hypothesis import given, settings
 
@@ -254,3 +256,72 @@ def test_full_memos_are_emptied_and_the_keys_stay_right(monkeypatch):
     for tree in built * 2:
         check_export(tree)
     assert len(swap._NAMES) <= 1
+
+
+# ----------------------------------------------- names of custom nodes' children
+
+
+def _keystr_of_entry(tree):
+    flat = jax.tree_util.tree_flatten_with_path(
+        tree, is_leaf=lambda x: isinstance(x, lift.StateEntry)
+    )[0]
+    return [jax.tree_util.keystr(p) for p, _ in flat]
+
+
+def test_child_names_do_not_depend_on_what_was_exported_before():
+    # Equal node data that print differently (1 == True == 1.0 == np.int32(1), and
+    # 0.0 == -0.0) name children differently: each export names them as JAX does.
+    for key in [True, 1, 1.0, np.int32(1), np.float64(1.0), 0.0, -0.0]:
+        tree = collections.OrderedDict({key: lift.StateEntry(jnp.zeros(()))})
+        _, state = lift.export_state(tree)
+        assert [str(k) for k in state] == _keystr_of_entry(tree), key
+
+
+class _Bad:
+    pass
+
+
+def _bad_flatten(_):
+    raise AttributeError("flatten failed")
+
+
+jax.tree_util.register_pytree_node(_Bad, _bad_flatten, lambda _, c: _Bad())
+
+
+class _Keyed:
+    def __init__(self, x):
+        self.x = x
+
+
+def _keyed_with_keys(_):
+    raise RuntimeError("keys broken")
+
+
+jax.tree_util.register_pytree_with_keys(
+    _Keyed, _keyed_with_keys, lambda _, c: _Keyed(*c), lambda k: ((k.x,), None)
+)
+
+
+def test_a_node_whose_flatten_fails_is_a_lift_error_naming_its_path():
+    with pytest.raises(lift.LiftValueError, match=r"_Bad at \"\['a'\]\[0\]\"") as info:
+        lift.export_state({"a": [_Bad()], "s": lift.StateEntry(jnp.zeros(1))})
+    assert "AttributeError: flatten failed" in str(info.value)
+
+
+def test_a_node_whose_flatten_with_keys_fails_is_a_lift_error_naming_its_path():
+    assert jax.tree_util.tree_leaves(_Keyed(1.0)) == [1.0]  # JAX's flatten works
+    with pytest.raises(lift.LiftValueError, match=r"_Keyed at \"\['b'\]\"") as info:
+        lift.export_state({"a": lift.StateEntry(jnp.zeros(1)), "b": _Keyed(1.0)})
+    assert "with keys" in str(info.value)
+
+
+def test_a_dict_subclass_whose_key_comparison_raises_is_a_lift_error():
+    class Odd:
+        def __lt__(self, other):
+            raise RuntimeError("no order")
+
+        __gt__ = __lt__
+
+    odd = collections.defaultdict(int, {Odd(): 1, "a": lift.StateEntry(jnp.zeros(1))})
+    with pytest.raises(lift.LiftValueError, match="defaultdict at the root"):
+        lift.export_state(odd)
