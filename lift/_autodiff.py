@@ -89,7 +89,7 @@ def _vg_run(
 ) -> Callable[..., Any]:
     nums = (argnums,) if isinstance(argnums, int) else tuple(argnums)
 
-    def run(pures: Sequence[Pure], state: State, *args: Any, **kwargs: Any) -> Any:
+    def run(pures: Sequence[Pure], state: State, /, *args: Any, **kwargs: Any) -> Any:
         _refuse_state(args, nums, what)
         # A Python number differentiated as a whole argument is an input, as in JAX
         # (an int or a bool gets JAX's error, or with `allow_int` a float0 gradient);
@@ -188,7 +188,7 @@ def eval_shape(f: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         ShapeDtypeStruct(shape=(3, 3), dtype=float32)
     """
 
-    def run(pures: Sequence[Pure], state: State, *args: Any, **kwargs: Any) -> Any:
+    def run(pures: Sequence[Pure], state: State, /, *args: Any, **kwargs: Any) -> Any:
         out, _ = jax.eval_shape(pures[0], state, *args, **kwargs)
         return out, state
 

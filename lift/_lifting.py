@@ -12,7 +12,7 @@ import functools
 from collections.abc import Callable, Hashable, Iterable, Sequence
 from typing import Any
 
-from ._errors import LiftTypeError
+from ._errors import LiftTypeError, TraceError
 from ._export import State
 from ._frame import _FRAME, run_in_frame
 from ._keys import StateKey
@@ -64,7 +64,12 @@ class Pure:
         self.name = name
         self.has_static_out = False
 
-    def __call__(self, state: State, /, *args: Any, **kwargs: Any) -> tuple[Any, State]:
+    # The state's parameter has a name no user argument has: `jax.jit(pure,
+    # donate_argnames=...)` refuses a donated name that is positional-only here.
+    def __call__(
+        self, lift_state_: State, /, *args: Any, **kwargs: Any
+    ) -> tuple[Any, State]:
+        state = lift_state_
         args, kwargs = unmask((args, kwargs))
         if self.frameless:
             # Called outside any frame: `f` gets none either, so its get/set say so.
@@ -79,10 +84,22 @@ class Pure:
                 name=self.name,
                 why=self.why,
             )
-        out, static = mask(out, keep_scalars=self.keep_scalars)
+        out, static = mask(
+            out, keep_scalars=self.keep_scalars, refuse=self._leaked_tracer
+        )
         if static:
             self.has_static_out = True
         return out, new
+
+    def _leaked_tracer(self, value: Any) -> Exception:
+        kind = type(value).__qualname__
+        return TraceError(
+            f"{self.name}: the function returned a {kind} (not a pytree) that holds "
+            "traced JAX values; lift would hand it back as a static output with the "
+            f"tracers inside, which belong to the finished transform. Make {kind} a "
+            "pytree (an Equinox module, a registered dataclass, "
+            "`jax.tree_util.register_pytree_node`), or return its arrays."
+        )
 
     def on_carry(self, *args: Any) -> tuple[Any, State]:
         """This function as a loop body over the carry ``(value, state)``.
@@ -150,7 +167,7 @@ class Lifted:
     Examples:
         >>> import jax, jax.numpy as jnp
         >>> import lift
-        >>> def run(pures, state, *args):  # the pure function, under jax.jit
+        >>> def run(pures, state, /, *args):  # the pure function, under jax.jit
         ...     return jax.jit(pures[0])(state, *args)
         >>> tree, state = lift.export_state({"n": lift.StateEntry(jnp.zeros(()))})
         >>> def tick(x):
@@ -201,7 +218,9 @@ class Lifted:
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         frame = _FRAME.get()
         if self.static_args:
-            (args, kwargs), _ = mask((args, kwargs), keep_scalars=self.keep_scalars)
+            (args, kwargs), _ = mask(
+                (args, kwargs), keep_scalars=self.keep_scalars, refuse=self._stale
+            )
         if frame is None:
             pures = self._pures[None]
             out, _ = self.run(pures, {}, *args, **kwargs)
@@ -212,6 +231,19 @@ class Lifted:
         if any(p.has_static_out for p in pures):
             out = unmask(out)
         return out
+
+    def _stale(self, value: Any) -> Exception:
+        owner = getattr(value, "__self__", None) if callable(value) else None
+        kind = type(value if owner is None else owner).__qualname__
+        what = kind if owner is None else f"bound method of a {kind}"
+        return LiftTypeError(
+            f"`lift.{self.name}`: an argument is a {what} (not a pytree) holding JAX "
+            "arrays. lift makes such an argument static and compares it by identity, "
+            "so a later change to its arrays would not be seen and the call would "
+            f"return a stale result. Make {kind} a pytree (an Equinox module, a "
+            "registered dataclass, `jax.tree_util.register_pytree_node`), or pass its "
+            "arrays as arguments."
+        )
 
     def __get__(self, instance: Any, owner: Any = None) -> Any:
         # Used as a method decorator: bind like a function.
@@ -251,7 +283,9 @@ def lift_transform(
     """
 
     def lifted(f: Callable[..., Any], *options: Any, **kw_options: Any) -> Lifted:
-        def run(pures: Sequence[Pure], state: State, *args: Any, **kwargs: Any) -> Any:
+        def run(
+            pures: Sequence[Pure], state: State, /, *args: Any, **kwargs: Any
+        ) -> Any:
             pure = pures[0]
             fn = pure.built((), lambda: transform(pure, *options, **kw_options))
             return fn(state, *args, **kwargs)

@@ -214,7 +214,7 @@ def pmap(
             lambda state, args, kwargs: call(pure, state, args, kwargs, check)
         )
 
-    def run(pures: Sequence[Pure], state: State, *args: Any, **kwargs: Any) -> Any:
+    def run(pures: Sequence[Pure], state: State, /, *args: Any, **kwargs: Any) -> Any:
         pure = pures[0]
         check = check_vma is not False and pure not in untracked
         try:

@@ -293,12 +293,14 @@ def shared_write_in_vmap(key: Any | None) -> TraceError:
 
 def cached_reference(name: str, err: Exception) -> TraceError:
     return TraceError(
-        f"{name}: JAX ran a function compiled in an earlier call (JAX said: "
+        f"{name}: JAX ran a function it had compiled before (JAX said: "
         f"{str(err).splitlines()[0]}). A raw `jax.jit` (or another cached JAX "
-        "function) that uses `lift.get`/`lift.set` keeps the state of the call it was "
-        "first traced in, and that call has returned: JAX reuses the compiled code "
-        "for the same Python function, even through a new `jax.jit(f)` (and the "
-        "traced body of a raw `lax` loop). Use `lift.jit` in its place (for a loop, "
+        "function) that uses `lift.get`/`lift.set` keeps the state it saw when it "
+        "was first traced, and that is gone: an earlier call has returned, or this "
+        "call moved the state on (a `lift.set` outside it) before calling it again. "
+        "JAX reuses the compiled code for the same Python function, even through a "
+        "new `jax.jit(f)` (and the traced body of a raw `lax` loop). Use `lift.jit` "
+        "in its place (for a loop, "
         "`lift.scan`/`lift.fori_loop`/`lift.while_loop`); it threads each call's "
         "state."
     )

@@ -219,7 +219,7 @@ def shard_map(
         )
     fix = "`state_specs={{StateKey({key!r}): P({axis!r})}}`"
 
-    def run(pures: Sequence[Pure], state: State, *args: Any, **kwargs: Any) -> Any:
+    def run(pures: Sequence[Pure], state: State, /, *args: Any, **kwargs: Any) -> Any:
         if kwargs:
             raise LiftTypeError(
                 "`lift.shard_map` passes positional arguments only (as `jax.shard_map` "

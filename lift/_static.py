@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import functools
+import types
+from collections.abc import Callable
 from typing import Any
 
 import jax
 
 from ._tracing import is_array
 
-__all__ = ["Static", "mask", "unmask"]
+__all__ = ["Static", "hidden_arrays", "mask", "unmask"]
 
 
 class Static:
@@ -73,16 +76,65 @@ def _is_jax_value(x: Any) -> bool:
     return type(x) in _SCALARS or is_array(x)
 
 
-def mask(tree: Any, *, keep_scalars: bool = False) -> tuple[Any, bool]:
+def mask(
+    tree: Any,
+    *,
+    keep_scalars: bool = False,
+    refuse: Callable[[Any], Exception] | None = None,
+) -> tuple[Any, bool]:
     """``tree`` with non-array leaves wrapped in :class:`Static`; and whether any was.
 
     With ``keep_scalars``, Python numbers stay dynamic (as ``lax.cond`` treats them).
+    With ``refuse``, a leaf that would be static but holds JAX arrays in its
+    attributes (:func:`hidden_arrays`) raises ``refuse(leaf)``.
     """
     dynamic = _is_jax_value if keep_scalars else is_array
     leaves, treedef = jax.tree_util.tree_flatten(tree)
     if all(map(dynamic, leaves)):
         return tree, False
+    if refuse is not None:
+        for x in leaves:
+            if not dynamic(x) and hidden_arrays(x):
+                raise refuse(x)
     return treedef.unflatten([x if dynamic(x) else Static(x) for x in leaves]), True
+
+
+_PLAIN = frozenset({str, bytes, int, float, complex, bool, type(None)})
+
+
+def hidden_arrays(value: Any) -> bool:
+    """Whether an object JAX sees as a leaf holds JAX arrays (or tracers) inside.
+
+    Looks two levels deep: its attributes (a partial's arguments, a bound method's
+    instance) and theirs. A static value holding arrays is stale once they change
+    (it compares by identity), and one holding a tracer leaks it out of its
+    transform.
+    """
+    inner = _inside(value)
+    for _ in range(2):
+        if not inner:
+            return False
+        leaves = jax.tree_util.tree_leaves(inner)
+        if any(isinstance(leaf, jax.Array) for leaf in leaves):
+            return True
+        inner = [x for leaf in leaves for x in _inside(leaf)]
+    return False
+
+
+def _inside(value: Any) -> list[Any]:
+    """What an object holds: attributes, a partial's arguments, a method's instance."""
+    if type(value) in _PLAIN or isinstance(value, (type, jax.Array)):
+        return []
+    inner: list[Any] = []
+    if isinstance(value, types.MethodType):
+        inner.append(value.__self__)
+    elif isinstance(value, functools.partial):
+        inner += [*value.args, *value.keywords.values()]
+    try:
+        inner += vars(value).values()
+    except TypeError:  # no __dict__
+        pass
+    return inner
 
 
 def unmask(tree: Any, *, static_as_none: bool = False) -> Any:

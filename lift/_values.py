@@ -101,11 +101,17 @@ def _leaf(
     new_shape = new.shape if hasattr(new, "shape") else ()
 
     def mismatch() -> LiftValueError:
+        if jnp.issubdtype(target, jax.dtypes.extended):  # a PRNG key: no astype
+            fix = (
+                "write a key array of that implementation (`jax.random.split` of "
+                "the key read, or `jax.random.wrap_key_data(data, impl=...)`)"
+            )
+        else:
+            fix = f"cast with `.astype({target})` or reshape before writing"
         return LiftValueError(
             f"{where}: the new value of {str(key)!r} is {describe(new_tree)}, but the "
             f"state holds {describe(old_tree)}. State keeps its shape and dtype: "
-            f"cast with `.astype({target})` or reshape before writing, or build the "
-            "entry with the shape you need."
+            f"{fix}, or build the entry with the shape you need."
         )
 
     if tuple(new_shape) != tuple(old_shape):
@@ -141,8 +147,8 @@ def _leaf(
             same = np.array_equal(
                 cast.astype(new.dtype), new, equal_nan=new.dtype.kind in "fc"
             )
-        if same:
-            return cast
+        if same:  # an array of the kind the state holds
+            return jnp.asarray(cast) if isinstance(old, jax.Array) else cast
         raise LiftValueError(
             f"{where}: the new value of {str(key)!r} is a numpy {new.dtype} array "
             f"whose values the state's dtype {target} cannot hold exactly; state "

@@ -710,3 +710,66 @@ def test_the_first_argument_check(keys):
             pure(state)
         bad = next(k for k in state if type(k) is not lift.StateKey)
         assert repr(bad) in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "transform",
+    [lift.grad, lift.value_and_grad, lift.checkpoint, lift.vmap, lift.jit],
+    ids=["grad", "value_and_grad", "checkpoint", "vmap", "jit"],
+)
+def test_user_arguments_named_state_or_pures_pass_through_every_transform(transform):
+    # The combinator's own parameters are positional-only: a user keyword with the
+    # same name is the user's.
+    tree, state = lift.export_state({"n": lift.StateEntry(jnp.zeros(()))})
+
+    def f(params, state=None, pures=None):
+        lift.set(tree["n"], lift.get(tree["n"]) + 1)
+        return jnp.sum(params * state * pures)
+
+    run = lift.stateful(lambda p, s: transform(f)(p, state=s, pures=s))
+    _, new = run(state, jnp.ones(2), 2 * jnp.ones(2))
+    assert new[tree["n"]] == 1
+
+
+class _Layer:  # not a pytree
+    def __init__(self, w):
+        self.w = w
+
+    def __call__(self, x):
+        return x * self.w
+
+
+class _Config:  # not a pytree, no arrays: a fine static argument
+    def __init__(self, scale):
+        self.scale = scale
+
+
+@pytest.mark.parametrize("fast", [True, False], ids=["fast", "general"])
+def test_a_non_pytree_argument_holding_arrays_is_refused_not_made_stale(fast):
+    from lift._jit import use_fast_path
+
+    old = use_fast_path(fast)
+    try:
+        apply = lift.jit(lambda layer, x: layer(x))
+        scale = lift.jit(lambda cfg, x: x * cfg.scale)
+    finally:
+        use_fast_path(old)
+    x = jnp.ones(3)
+    for arg in (_Layer(jnp.ones(3)), _Layer(jnp.ones(3)).__call__):
+        with pytest.raises(lift.LiftTypeError, match=r"_Layer.*holding JAX arrays"):
+            apply(arg, x)
+    assert scale(_Config(2.0), x).tolist() == [2.0, 2.0, 2.0]
+
+
+@pytest.mark.parametrize(
+    "transform", [lift.jit, lift.vmap, lift.checkpoint], ids=["jit", "vmap", "ckpt"]
+)
+def test_a_non_pytree_output_holding_tracers_is_refused(transform):
+    tree, state = lift.export_state({"n": lift.StateEntry(jnp.zeros(()))})
+
+    def f(x):
+        lift.set(tree["n"], lift.get(tree["n"]) + jnp.sum(x))
+        return _Config(x * 2)
+
+    with pytest.raises(lift.TraceError, match=r"_Config.*traced JAX values"):
+        lift.stateful(transform(f))(state, jnp.ones(3))

@@ -600,3 +600,18 @@ def test_an_eager_runtime_error_with_intact_state_is_not_rewritten(monkeypatch):
     with pytest.raises(RuntimeError, match="deleted elsewhere") as info:
         lift.stateful(f)(state)
     assert not isinstance(info.value, lift.LiftError)
+
+
+def test_a_lossless_numpy_cast_keeps_the_state_a_jax_array():
+    tree, state = lift.export_state({"f": lift.StateEntry(jnp.zeros(3))})
+    new = lift.update_state(state, {tree["f"]: np.arange(3.0)})  # float64 numpy
+    assert isinstance(new[tree["f"]], jax.Array)
+    assert new[tree["f"]].dtype == jnp.float32
+
+
+def test_a_key_of_another_implementation_is_refused_without_an_astype_hint():
+    tree, state = lift.export_state({"rng": lift.StateEntry(jax.random.key(0))})
+    other = jax.random.key(1, impl="rbg")
+    with pytest.raises(lift.LiftValueError, match="wrap_key_data") as info:
+        lift.update_state(state, {tree["rng"]: other})
+    assert ".astype(key" not in str(info.value)
