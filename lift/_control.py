@@ -8,7 +8,7 @@ from typing import Any
 import jax
 from jax import lax
 
-from ._errors import LiftTypeError, LiftValueError
+from ._errors import LiftTypeError, LiftValueError, describe
 from ._export import State
 from ._keys import StateKey
 from ._lifting import Lifted, Pure
@@ -36,12 +36,25 @@ def _split_scanned(state: State, state_axes: Any) -> tuple[State, dict[StateKey,
 def _check_lengths(
     stacked: State, axes: Mapping[StateKey, int], xs: Any, length: int | None
 ) -> None:
-    """Refuse stacked state whose length is not the number of steps, naming the key."""
+    """Refuse stacked state whose length is not the number of steps, naming the key.
+
+    Also refuse a leaf of ``xs`` with no leading axis (a scalar), naming it: there
+    is no number of steps to read from it.
+    """
+    leaves = jax.tree_util.tree_leaves_with_path(xs)
+    for path, leaf in leaves:
+        if not jax.numpy.shape(leaf):
+            where = f"`xs{jax.tree_util.keystr(path)}`" if path else "`xs`"
+            raise LiftValueError(
+                f"`lift.scan`: {where} is {describe(leaf)}, which has no leading "
+                "axis to scan over. Every leaf of `xs` needs one entry per step "
+                "along its axis 0: stack it, or pass a value that is the same at "
+                "every step through `init` or a closure instead."
+            )
     if length is not None:
         steps, source = length, f"`length={length}`"
     else:
-        leaves = jax.tree_util.tree_leaves(xs)
-        steps = jax.numpy.shape(leaves[0])[0] if leaves else None
+        steps = jax.numpy.shape(leaves[0][1])[0] if leaves else None
         source = "the leading axis of `xs`"
     first: tuple[StateKey, int] | None = None
     for key, value in stacked.items():

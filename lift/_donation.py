@@ -18,7 +18,7 @@ import jax
 from jax.core import Tracer
 
 from ._errors import LiftTypeError, LiftValueError
-from ._frame import is_pure
+from ._frame import state_first
 from ._keys import StateKey
 from ._tracing import is_array
 
@@ -171,8 +171,11 @@ def donated_args(
             "positions from the first argument on (0, 1, ...), the state not counted."
         )
     params = _parameters(f)
+    # At top level a function not taking a state first but donating its state names
+    # it as its first parameter; in a frame it has no state parameter.
+    skip = int(donate_state and not state_first(f))
     if params is not None:
-        _refuse_unknown(f, params, nums, names, int(donate_state and not is_pure(f)))
+        _refuse_unknown(f, params, nums, names, skip)
     else:  # no signature: names and positions stay apart
         params = []
     positional = [
@@ -188,9 +191,7 @@ def donated_args(
         named = {by_name[i] for i in nums if i < len(by_name) and by_name[i] in keyword}
         return tuple(sorted({*nums, *more})), named
 
-    # At top level a function not made by `stateful` but donating its state names it
-    # as its first parameter; in a frame it has no state parameter.
-    top, top_named = resolve(int(donate_state and not is_pure(f)))
+    top, top_named = resolve(skip)
     frame, frame_named = resolve(0)
     return top, frame, tuple(dict.fromkeys([*names, *top_named, *frame_named]))
 

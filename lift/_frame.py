@@ -363,6 +363,27 @@ def is_pure(f: Any) -> bool:
         return False
 
 
+def state_first(f: Any) -> bool:
+    """Whether ``f`` takes a state first, as a :func:`stateful` function does.
+
+    Also true of a wrapper of one that passes its arguments through: a
+    ``functools.partial`` binding no positional argument, ``jax.jit``/``lift.jit``,
+    anything that sets ``__wrapped__``.
+    """
+    for _ in range(32):  # a chain of wrappers, not a cycle
+        if is_pure(f):
+            return True
+        if isinstance(f, functools.partial):
+            if f.args:
+                return False
+            f = f.func
+        else:
+            f = getattr(f, "__wrapped__", None)
+            if f is None:
+                return False
+    return False
+
+
 def unpack(
     result: Any, state_type: type | tuple[type, ...], label: str, *, must: str, fix: str
 ) -> tuple[Any, Any]:

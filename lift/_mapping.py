@@ -7,9 +7,9 @@ from typing import Any
 
 import jax
 
-from ._errors import LiftTypeError, LiftValueError, describe
-from ._export import State, match_filters
-from ._keys import StateKey
+from ._errors import LiftTypeError, LiftValueError, closest, describe
+from ._export import State, as_predicate, match_filters
+from ._keys import StateKey, dotted, is_printed_key
 from ._lifting import Lifted, Pure, refuse_varying_writes
 from ._tracing import batched_here
 
@@ -93,6 +93,11 @@ def per_key(
     (shard_map): ``None`` gives each key ``default(key)``; an instance of ``whole``
     applies to every key; a dict maps filters (those of :func:`lift.filter_state`) to
     values, and keys no filter matches get ``default(key)``.
+
+    A filter that names keys (a pattern, a printed key, a StateKey or a type) but
+    matches no key of a non-empty state is refused: it is a typo or a path from
+    another tree, and ignoring it would map (or carry) the wrong state without a
+    word. A predicate may match nothing (write one to select optional state).
     """
     if spec is None:
         return {k: default(k) for k in state}
@@ -104,7 +109,50 @@ def per_key(
             "are globs, StateKeys, types or predicates (as in `lift.filter_state`); "
             f"got {type(spec).__name__}: {spec!r}."
         )
+    if state:
+        for filt in spec:
+            _check_matches(state, filt, what)
     return match_filters(state, spec.items(), default)
+
+
+# How many keys an error lists when no existing path is close to the filter.
+_LISTED = 8
+
+
+def _check_matches(state: State, filt: Any, what: str) -> None:
+    """Refuse a filter naming keys (not a predicate) that matches no key."""
+    if callable(filt) and not isinstance(filt, (type, str)):
+        return  # a predicate: it may select nothing (optional state)
+    pred = as_predicate(filt, state)
+    # Stops at the first key matched: a filter in use costs little.
+    if any(pred(k, v) for k, v in state.items()):
+        return
+    if isinstance(filt, type):
+        raise LiftValueError(
+            f"`{what}`: the filter {filt.__name__} matches no key: no value of the "
+            "state is an instance of it, so it would be ignored. Name the keys by a "
+            "pattern or a StateKey, or drop the filter."
+        )
+    keyed = isinstance(filt, StateKey) or is_printed_key(filt)
+    # A StateKey or printed key is compared with the printed keys; a pattern with the
+    # dotted paths it is matched on.
+    paths = [str(k) if keyed else dotted(k) for k in state]
+    shown = repr(filt) if isinstance(filt, StateKey) else repr(str(filt))
+    hint = closest(str(filt), paths)
+    if not hint:
+        listed = ", ".join(map(repr, paths[:_LISTED]))
+        more = f", ... ({len(paths)} keys in all)" if len(paths) > _LISTED else ""
+        hint = f"The state has the keys {listed}{more}."
+    how = (
+        "the printed form of a key (`str(key)`) or its StateKey"
+        if keyed
+        else "a pattern on the dotted path (`*` matches any run of characters)"
+    )
+    raise LiftValueError(
+        f"`{what}`: the filter {shown} matches no key of the state, so it would "
+        f"be ignored. {hint} Write {how} that selects the state you mean, or drop "
+        "the filter."
+    )
 
 
 def resolve_axes(
@@ -201,7 +249,7 @@ def vmap(
         Array(3., dtype=float32)
     """
 
-    def run(pures: Sequence[Pure], state: State, *args: Any, **kwargs: Any) -> Any:
+    def run(pures: Sequence[Pure], state: State, /, *args: Any, **kwargs: Any) -> Any:
         spec, axes = mapped_axes(state, state_axes, in_axes, args, kwargs, "vmap")
         shared = [k for k, a in axes.items() if a is None]
 

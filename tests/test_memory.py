@@ -16,6 +16,7 @@ the hand-written step's choice of order, not lift's code.
 
 from __future__ import annotations
 
+import functools
 import re
 
 import jax
@@ -191,3 +192,30 @@ def test_donating_lifted_step_consumes_what_it_donates_and_matches():
         assert not kept.is_deleted()
     with pytest.raises(lift.LiftValueError, match=r"donat.*argument 1\['b1'\]"):
         lifted(l_state, *lift_args[1:])
+
+
+@pytest.mark.parametrize(
+    "wrap",
+    [
+        lambda pure: pure,
+        functools.partial,
+        lambda pure: lift.jit(pure),
+        lambda pure: functools.wraps(pure)(lambda *a, **k: pure(*a, **k)),
+    ],
+    ids=["stateful", "partial", "jit", "wraps"],
+)
+def test_donate_argnums_counts_the_users_arguments_through_wrappers(wrap):
+    # `donate_argnums=0` is `w` for `lift.stateful(f)` and for anything that passes
+    # its arguments through to it: never the state.
+    tree, _ = lift.export_state({"n": lift.StateEntry(jnp.zeros(3))})
+
+    def f(w, x):
+        lift.set(tree["n"], lift.get(tree["n"]) + x)
+        return w - x
+
+    step = lift.jit(wrap(lift.stateful(f)), donate_argnums=0)
+    state, w, x = {tree["n"]: jnp.zeros(3)}, jnp.ones(3), jnp.ones(3)
+    step(state, w, x)
+    assert w.is_deleted()
+    assert not x.is_deleted()
+    assert not state[tree["n"]].is_deleted()
