@@ -24,7 +24,17 @@ from ._keys import StateEntry, StateKey
 from ._refs import Frame, explain
 from ._tracing import TRACE, retire
 
-__all__ = ["Frame", "current_frame", "get", "is_pure", "lower", "set", "stateful"]
+__all__ = [
+    "Frame",
+    "current_frame",
+    "get",
+    "is_pure",
+    "lower",
+    "refuse_lazy",
+    "set",
+    "state_first",
+    "stateful",
+]
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -255,7 +265,7 @@ def stateful(
             f"`lift.stateful` takes a callable; got {type(f).__name__}."
         )
     name = f"`stateful({getattr(f, '__qualname__', type(f).__name__)})`"
-    _refuse_lazy(f, name)
+    refuse_lazy(f, name)
 
     @functools.wraps(f, updated=())
     def pure(
@@ -273,7 +283,7 @@ def stateful(
     return pure
 
 
-def _refuse_lazy(f: Any, name: str) -> None:
+def refuse_lazy(f: Any, name: str, who: str = "`lift.stateful`") -> None:
     """Refuse generator and coroutine functions: their bodies run after the call."""
     call = getattr(f, "__call__", None)  # noqa: B004 - a callable object's method
     for what, test in (
@@ -283,9 +293,9 @@ def _refuse_lazy(f: Any, name: str) -> None:
     ):
         if test(f) or (not inspect.isroutine(f) and test(call)):
             raise LiftTypeError(
-                f"{name}: `lift.stateful` got {what}. Its body runs only when the "
-                "result is iterated or awaited, after the stateful call has returned "
-                "and its frame has closed, so it could not use this call's state. "
+                f"{name}: {who} got {what}. Its body runs only when the result is "
+                "iterated or awaited, after the call has returned (and a stateful "
+                "call's frame has closed), so it could not use this call's state. "
                 "Call `lift.get`/`lift.set` in a regular function, and iterate or "
                 "await outside: call a stateful step once per item, e.g. "
                 "`for x in data: out, state = step(state, x)`."

@@ -8,6 +8,8 @@ dispatch (see :class:`_Jit`).
 
 from __future__ import annotations
 
+import contextvars
+import functools
 import operator
 import os
 from collections.abc import Callable, Sequence
@@ -28,8 +30,9 @@ from ._donation import (
 )
 from ._errors import LiftTypeError
 from ._export import State
-from ._frame import _FRAME, is_pure
+from ._frame import _FRAME, is_pure, refuse_lazy, state_first
 from ._lifting import Lifted, Pure
+from ._static import Static, unmask
 from ._tracing import is_array, with_cache_miss
 
 __all__ = ["fast_path_enabled", "jit", "use_fast_path"]
@@ -86,8 +89,12 @@ class _Jit(Lifted):
       structure (:class:`~lift._lifting.Lifted`).
 
     The first call that has a non-array leaf (a str, a function, a Python number) in
-    its arguments or outputs switches to the general path for good: from then on a
-    miss goes there, and only signatures compiled before take the fast path.
+    its arguments switches to the general path for good: from then on a miss goes
+    there, and only signatures compiled before take the fast path. A non-array leaf
+    in the outputs does not: ``_plain`` wraps it as static structure (as the general
+    path does) and a signature that has one is not cached in ``self._fast`` (whose
+    compiled call could not unwrap it) but in :meth:`_wrapping`'s dispatch, which
+    shares ``self._fast``'s trace: the function's body runs once per signature.
     """
 
     # A property, not a method: `instance(...)` then runs no Python code of lift's.
@@ -104,10 +111,12 @@ class _Jit(Lifted):
         self._donate = donate_state
         self._f = f
         self._static = False  # a call had a non-array leaf: misses go general
+        # Set when an output had a non-array leaf (see `_miss`).
+        self._wrapped: Callable[..., Any] | None = None
         super().__init__((f,), self._run, name="jit")
         # At top level the state is the first argument (of a pure function, or given
         # to be donated); the user's argument positions count from after it.
-        self._state_first = int(is_pure(f) or donate_state)
+        self._state_first = int(state_first(f) or donate_state)
         self._top_nums, self._frame_nums, self._names = donated
         self._donates = donate_state or any(donated)
         # Without a signature, donated positions are checked per call (off the
@@ -123,6 +132,11 @@ class _Jit(Lifted):
         self._fast = (
             with_cache_miss(plain, self._miss, like=f) if _FAST_PATH[0] else None
         )
+        if self._fast is not None:
+            # What `jit` hands out may be `self._fast`: it inspects as this object.
+            self._fast.lower = self.lower  # type: ignore[attr-defined]
+            self._fast.trace = self.trace  # type: ignore[attr-defined]
+            self._fast.eval_shape = self.eval_shape  # type: ignore[attr-defined]
         self._call: Callable[..., Any] = (
             self._general if self._fast is None else self._checked
         )
@@ -146,9 +160,42 @@ class _Jit(Lifted):
         """``jax.jit``'s ``lower`` of a top-level call (``jax.stages.Lowered``).
 
         The program the fast path runs for these arguments, with the same donation:
-        ``.compile().memory_analysis()`` and ``.as_text()`` inspect it.
+        ``.compile().memory_analysis()`` and ``.as_text()`` inspect it. Arguments are
+        taken as ``jax.jit`` takes them: a Python number is lowered as an argument of
+        the program, whereas a call makes it static (compiled in as a constant).
+
+        Raises:
+            LiftTypeError: the output has a non-array leaf (a str, a Python number):
+                the compiled program returns only arrays, and lift handles
+                non-array outputs at call time.
         """
-        return self._plain_jit.lower(*args, **kwargs)
+        return self._inspect("lower", args, kwargs)
+
+    def trace(self, *args: Any, **kwargs: Any) -> Any:
+        """``jax.jit``'s ``trace`` of a top-level call (``jax.stages.Traced``).
+
+        The first stage of :meth:`lower`, with the same arguments and errors.
+        """
+        return self._inspect("trace", args, kwargs)
+
+    def eval_shape(self, *args: Any, **kwargs: Any) -> Any:
+        """``jax.jit``'s ``eval_shape`` of a top-level call: its outputs' shapes.
+
+        As :meth:`lower` (same arguments and errors), without compiling.
+        """
+        return self._inspect("eval_shape", args, kwargs)
+
+    def _inspect(self, stage: str, args: tuple, kwargs: dict) -> Any:
+        # `_plain` refuses non-array outputs when it is traced here; a trace that a
+        # call cached (with them wrapped, see `_miss`) is refused here.
+        result = getattr(self._plain_jit, stage)(*args, **kwargs)
+        if stage == "eval_shape":
+            out = result
+        else:
+            out = result.out_tree.unflatten([None] * result.out_tree.num_leaves)
+        if _has_static(out):
+            raise _non_array_output(self._f)
+        return result
 
     def handed_out(self) -> Callable[..., Any]:
         """What :func:`jit` returns: ``jax.jit``'s own function where it can."""
@@ -170,16 +217,23 @@ class _Jit(Lifted):
             map(is_array, jax.tree_util.tree_leaves((args, kwargs)))
         ):
             try:
-                out, fastpath, rebuild = jax_miss(*args, **kwargs)
-                if DONATING[0] and not self._donates:
-                    # Cached in C++, a later call would skip the check above.
-                    return out, None, False
-                return out, fastpath, rebuild
-            except _Fallback:
-                pass
+                if self._wrapped is not None:
+                    return unmask(self._wrapped(*args, **kwargs)), None, False
+                out, fastpath, rebuild = self._traced_miss(jax_miss, *args, **kwargs)
             except (RuntimeError, ValueError) as err:
                 raise_if_donated(err, (args, kwargs))
                 raise
+            if _has_static(out):
+                # `_plain` wrapped non-array outputs: the compiled call cannot unwrap
+                # them, so nothing is cached for it. From now on a miss runs
+                # `_wrapped`, whose C++ dispatch caches what `jax_miss` compiles
+                # (JAX's cached trace: the body runs once per signature).
+                self._wrapped = self._wrapping(jax_miss)
+                return unmask(out), None, False
+            if DONATING[0] and not self._donates:
+                # Cached in C++, a later call would skip the check above.
+                return out, None, False
+            return out, fastpath, rebuild
         # A leaf that is not an array: a Python number would be a valid JAX argument,
         # but lift makes it static, as it does strs and functions. `None`: no
         # fast path for this call, so nothing is cached in C++.
@@ -187,17 +241,52 @@ class _Jit(Lifted):
         self._call = self._general
         return self._general(*args, **kwargs), None, False
 
+    def _traced_miss(
+        self, jax_miss: Callable[..., Any], *args: Any, **kwargs: Any
+    ) -> tuple[Any, Any, bool]:
+        # JAX's slow path, tracing `_plain` for a call (so it wraps non-array outputs).
+        token = _MISSING.set(self)
+        try:
+            return jax_miss(*args, **kwargs)
+        finally:
+            _MISSING.reset(token)
+
+    def _wrapping(self, jax_miss: Callable[..., Any]) -> Callable[..., Any]:
+        """A C++ dispatch of ``jax_miss``'s programs, for outputs that need unwrapping.
+
+        Its own ``jax.jit`` (of a function no other shares, so its compiled calls are
+        cached apart from ``self._fast``'s) never traces: its slow path is
+        ``jax_miss``, whose trace cache is ``self._fast``'s.
+        """
+        inner = jax.jit(
+            functools.partial(self._plain),
+            donate_argnums=self._donated_positions(True, 0, self._state_first),
+            donate_argnames=self._names,
+            **self._options,
+        )
+
+        def miss(_own_miss: Any, *args: Any, **kwargs: Any) -> tuple[Any, Any, bool]:
+            return self._traced_miss(jax_miss, *args, **kwargs)
+
+        wrapped = with_cache_miss(inner, miss, like=self._f)
+        if wrapped is None:  # pragma: no cover - `self._fast` has the same hook
+            return lambda *args, **kwargs: miss(None, *args, **kwargs)[0]
+        return wrapped
+
     def _plain(self, *args: Any, **kwargs: Any) -> Any:
-        # Traced by `jax.jit` (or called eagerly under `jax.disable_jit`).
-        out = self._f(*args, **kwargs)
-        if not all(map(is_array, jax.tree_util.tree_leaves(out))):
-            if jax.config.jax_disable_jit:  # type: ignore[attr-defined]
-                return out
-            raise _Fallback
-        return out
+        # Traced by `jax.jit` (or called eagerly under `jax.disable_jit`). The general
+        # path's own frameless pure function: non-array outputs come out `Static`.
+        out, _ = self._pures[None][0]({}, *args, **kwargs)
+        if not _has_static(out):
+            return out
+        if jax.config.jax_disable_jit:  # type: ignore[attr-defined]
+            return unmask(out)
+        if _MISSING.get() is not self:
+            raise _non_array_output(self._f)  # `lower`, `trace` or `eval_shape`
+        return out  # a call's miss: `_miss` unwraps them
 
     def _run(
-        self, pures: Sequence[Pure], state: State, *args: Any, **kwargs: Any
+        self, pures: Sequence[Pure], state: State, /, *args: Any, **kwargs: Any
     ) -> Any:
         if DONATING[0]:
             refuse_consumed((state, args, kwargs))
@@ -255,8 +344,28 @@ class _Jit(Lifted):
             raise
 
 
-class _Fallback(Exception):
-    pass
+# The `_Jit` whose `_miss` is tracing `_plain` (a call, not `lower` or `trace`).
+_MISSING: contextvars.ContextVar[_Jit | None] = contextvars.ContextVar(
+    "_MISSING", default=None
+)
+
+
+def _name(f: Any) -> str:
+    return getattr(f, "__qualname__", type(f).__name__)
+
+
+def _non_array_output(f: Any) -> LiftTypeError:
+    return LiftTypeError(
+        f"`lift.jit({_name(f)})`: the output has a non-array leaf (a str, a Python "
+        "number...). The compiled program returns only arrays and lift handles "
+        "non-array outputs at call time, so `lower`, `trace` and `eval_shape` cannot "
+        "show them. Return only arrays to inspect the program."
+    )
+
+
+def _has_static(tree: Any) -> bool:
+    leaves = jax.tree_util.tree_leaves(tree, is_leaf=lambda x: type(x) is Static)
+    return any(type(x) is Static for x in leaves)
 
 
 def jit(
@@ -322,6 +431,16 @@ def jit(
             )
 
     def make(g: Callable[..., Any]) -> Any:
+        # A generator or coroutine function's body would run after tracing, with
+        # leaked tracers: refused as `lift.stateful` refuses it.
+        try:
+            refuse_lazy(g, f"`lift.jit({_name(g)})`", "`lift.jit`")
+        except LiftTypeError as err:
+            err.add_note(
+                "`lift.jit` traces the function once, when it is called: the body of "
+                "a generator or coroutine would run later, outside the trace."
+            )
+            raise
         donated = donated_args(g, donate_argnums, donate_argnames, donate_state)
         return _Jit(g, donate_state, donated, jit_kwargs).handed_out()
 

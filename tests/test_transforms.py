@@ -1469,3 +1469,196 @@ def test_nested_jit_scan_vmap_cond():
     np.testing.assert_array_equal(new[tree["positives"]], (xs > 0).sum(0))
     assert int(new[tree["steps"]]) == steps
     assert_close(new[tree["total"]], expected_ys.sum())
+
+
+def _jit_made_with(fast, f, **options):
+    """``lift.jit(f, **options)`` made with the C++ dispatch layer on or off."""
+    from lift._jit import use_fast_path
+
+    old = use_fast_path(fast)
+    try:
+        return lift.jit(f, **options)
+    finally:
+        use_fast_path(old)
+
+
+class _GeneratorCall:
+    def __call__(self, x):
+        yield x
+
+
+async def _coroutine(x):
+    return x
+
+
+async def _async_generator(x):
+    yield x
+
+
+def _generator(x):
+    yield 2 * x
+
+
+@pytest.mark.parametrize("fast", [True, False], ids=["fast", "general"])
+@pytest.mark.parametrize(
+    ("f", "what"),
+    [
+        (_generator, "a generator function"),
+        (_coroutine, "a coroutine function"),
+        (_async_generator, "an async generator function"),
+        (_GeneratorCall(), "a generator function"),
+    ],
+    ids=["generator", "coroutine", "async-generator", "callable-object"],
+)
+@pytest.mark.parametrize("donate", [False, True], ids=["plain", "donating"])
+def test_jit_refuses_generator_and_coroutine_functions_when_decorating(
+    fast, f, what, donate
+):
+    # Their body would run after the trace, with its tracers leaked: refused at
+    # decoration, with `lift.stateful`'s message, before any call.
+    with pytest.raises(lift.LiftTypeError, match=f"`lift.jit.*{what}") as info:
+        _jit_made_with(fast, f, donate_state=donate)
+    assert "outside the trace" in "".join(getattr(info.value, "__notes__", []))
+    with pytest.raises(lift.LiftTypeError, match=what):
+        lift.jit(donate_state=donate)(f)
+
+
+@pytest.mark.parametrize("fast", [True, False], ids=["fast", "general"])
+@pytest.mark.parametrize("donate", [False, True], ids=["plain", "donating"])
+def test_jit_top_level_has_lower_trace_and_eval_shape(model, fast, donate):
+    tree, state = model
+    step = _jit_made_with(
+        fast, lift.stateful(lambda x: accumulate(tree, x)), donate_state=donate
+    )
+    x = jnp.ones(3)
+    out, new = step.eval_shape(state, x)
+    assert (out.shape, out.dtype) == ((), jnp.float32)
+    assert new[tree["acc"]].shape == (3,)
+    assert set(new) == set(state)
+    traced = step.trace(state, x)
+    assert "stablehlo" in traced.lower().as_text()
+    assert "stablehlo" in step.lower(state, x).as_text()
+    # None of them ran the step: the state is intact and still usable.
+    assert not state[tree["acc"]].is_deleted()
+    (_, new) = step(state, x)
+    assert int(new[tree["n"]]) == 1
+
+
+@pytest.mark.parametrize("fast", [True, False], ids=["fast", "general"])
+@pytest.mark.parametrize("called_first", [False, True], ids=["fresh", "called"])
+@pytest.mark.parametrize("donate", [False, True], ids=["plain", "donating"])
+@pytest.mark.parametrize(
+    "tail", [lambda x: (x, "tag"), lambda x: {"y": x, "step": 1}], ids=["str", "int"]
+)
+def test_jit_inspecting_a_non_array_output_is_a_lift_type_error(
+    model, fast, called_first, donate, tail
+):
+    # The compiled program returns only arrays (lift adds the rest at call time):
+    # `lower`, `trace` and `eval_shape` say so, before or after a call compiled it.
+    tree, state = model
+    step = _jit_made_with(
+        fast, lift.stateful(lambda x: tail(accumulate(tree, x))), donate_state=donate
+    )
+    x = jnp.ones(3)
+    if called_first:
+        from lift._tracing import is_array
+
+        out, state = step(state, x)
+        statics = [v for v in jax.tree_util.tree_leaves(out) if not is_array(v)]
+        assert statics == jax.tree_util.tree_leaves(tail(None))
+    for stage in ("lower", "trace", "eval_shape"):
+        with pytest.raises(lift.LiftTypeError, match="returns only arrays") as info:
+            getattr(step, stage)(state, x)
+        assert type(info.value) is lift.LiftTypeError
+        assert "at call time" in str(info.value)
+        assert f"`{stage}`" in str(info.value)
+
+
+@pytest.mark.parametrize("fast", [True, False], ids=["fast", "general"])
+def test_jit_lower_takes_python_numbers_as_arguments(model, fast):
+    # Documented: `lower` lowers as `jax.jit` does (a Python number is an argument of
+    # the program); a call makes it static.
+    tree, state = model
+    step = _jit_made_with(fast, lift.stateful(lambda x, k: accumulate(tree, k * x)))
+    lowered = step.lower(state, jnp.ones(3), 2.0)
+    assert len(jax.tree_util.tree_leaves(lowered.args_info)) == len(state) + 2
+    assert "as an argument of the program" in " ".join(step.lower.__doc__.split())
+
+
+@pytest.mark.parametrize("fast", [True, False], ids=["fast", "general"])
+@pytest.mark.parametrize("donate", [False, True], ids=["plain", "donating"])
+@pytest.mark.parametrize(
+    "tail", [lambda y: (y, "tag"), lambda y: {"y": y, "step": 1}], ids=["str", "int"]
+)
+def test_jit_with_a_non_array_output_runs_the_body_once_per_signature(
+    model, fast, donate, tail
+):
+    # User code never runs twice behind the user's back: the fast layer's trace of
+    # the first call is the one its output comes from, and later calls reuse it.
+    tree, state = model
+    runs = []
+
+    def body(x):
+        runs.append(x.shape)
+        return tail(accumulate(tree, x))
+
+    step = _jit_made_with(fast, lift.stateful(body), donate_state=donate)
+    out, state = step(state, jnp.ones(3))
+    assert runs == [(3,)]
+    total = out["y"] if isinstance(out, dict) else out[0]
+    assert out == tail(total)
+    assert_close(total, np.sum(W))
+    for k in range(2, 4):
+        out, state = step(state, jnp.full(3, k, jnp.float32))
+    assert runs == [(3,)]
+    out, state = step(state, jnp.ones(()))  # a new signature: one more trace
+    out, state = step(state, jnp.ones(3))  # compiled before: no trace
+    assert runs == [(3,), ()]
+    assert int(state[tree["n"]]) == 5
+    assert_close(state[tree["acc"]], (1 + 2 + 3 + 1 + 1) * W)
+    if donate:
+        consumed = state
+        out, state = step(consumed, jnp.ones(3))
+        with pytest.raises(lift.LiftValueError, match=r"donat.*\['acc'\]"):
+            step(consumed, jnp.ones(3))
+    assert jax.tree_util.tree_leaves(tail(None)) == [
+        v for v in jax.tree_util.tree_leaves(out) if not isinstance(v, jax.Array)
+    ]
+
+
+@fast_path_only
+def test_jit_non_array_outputs_leave_compiled_array_calls_in_cpp(
+    model, before_any_donation
+):
+    # A signature compiled with only array outputs stays jax.jit's C++ dispatch
+    # (no Python) after another signature returned a non-array leaf.
+    tree, state = model
+
+    def body(x):
+        total = accumulate(tree, x)
+        return (total, "scalar") if x.ndim == 0 else total
+
+    step = lift.jit(lift.stateful(body))
+    x = jnp.ones(3)
+    _, state = step(state, x)
+    out, state = step(state, jnp.ones(()))
+    assert out[1] == "scalar"
+    assert _python_calls_during(step, state, x) == []
+    out, state = step(state, jnp.ones(()))
+    assert out[1] == "scalar"
+
+
+@pytest.mark.parametrize("fast", [True, False], ids=["fast", "general"])
+def test_jit_of_a_plain_function_with_a_non_array_output_runs_it_once(fast):
+    runs = []
+
+    def f(x):
+        runs.append(1)
+        return x, (x + 1, ("a", None))
+
+    jitted = _jit_made_with(fast, f)
+    for _ in range(3):
+        out = jitted(jnp.ones(2))
+    assert len(runs) == 1
+    assert out[1][1] == ("a", None)
+    assert_close(out[1][0], 2 * np.ones(2))
