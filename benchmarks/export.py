@@ -85,7 +85,7 @@ def forget_structures() -> None:
     (The trees here hold no custom node other than Equinox modules, which are named
     per class; the memo is emptied so that a future tree kind stays measured cold.)
     """
-    importlib.import_module("lift._swap")._NAMES.clear()
+    importlib.import_module("lift._naming").NAMES.clear()
 
 
 def _flatten(tree: Any) -> Any:

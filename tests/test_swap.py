@@ -245,17 +245,17 @@ def test_node_flattening_differently_with_keys_is_refused():
 
 
 def test_full_memos_are_emptied_and_the_keys_stay_right(monkeypatch):
-    import lift._swap as swap
+    import lift._naming as naming
 
-    monkeypatch.setattr(swap._NAMES, "limit", 1)
-    monkeypatch.setattr(swap._FIELDS, "limit", 1)
+    monkeypatch.setattr(naming.NAMES, "limit", 1)
+    monkeypatch.setattr(naming.FIELDS, "limit", 1)
     built = [
         [Named([f"n{i}"], [StateEntry(jnp.zeros(1))]) for i in range(3)],
         [Named(["a", "b"], [StateEntry(jnp.zeros(1)), StateEntry(jnp.ones(1))])],
     ]
     for tree in built * 2:
         check_export(tree)
-    assert len(swap._NAMES) <= 1
+    assert len(naming.NAMES) <= 1
 
 
 # ----------------------------------------------- names of custom nodes' children
